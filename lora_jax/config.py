@@ -1,0 +1,210 @@
+"""LoRA configuration: a frozen, validated dataclass and the target matching it defines.
+
+Paths are always '/'-joined module paths as they appear in the parameter tree, e.g.
+``layers_0/self_attn/q_proj``; parameter paths add the parameter name,
+``layers_0/self_attn/q_proj/kernel``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+INITS = ("kaiming", "gaussian")
+
+# How the tree spells LoRA leaves: "params/<module>/<param>_lora_a" and "_lora_b" beside the
+# adapted parameter; "lora/<module>/<param>_lora_scale" and "lora/<module>/<param>_trainable"
+# in the metadata collection.
+LORA = "lora"
+A_SUFFIX, B_SUFFIX, SCALE_SUFFIX, TRAINABLE_SUFFIX = (
+    "_lora_a",
+    "_lora_b",
+    "_lora_scale",
+    "_trainable",
+)
+Pattern = tuple[tuple[str, Any], ...]
+
+
+def _compile(field: str, pattern: str) -> re.Pattern:
+    if not isinstance(pattern, str):
+        raise TypeError(f"LoraConfig.{field} entries must be str, got {pattern!r}.")
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(
+            f"LoraConfig.{field} has an invalid regular expression {pattern!r}: {e}."
+        ) from None
+
+
+def _as_names(field: str, value: Any) -> str | tuple[str, ...]:
+    """A single string stays a regex; any other sequence becomes a tuple of names."""
+    if isinstance(value, str):
+        _compile(field, value)
+        return value
+    if not isinstance(value, Sequence) or not all(isinstance(v, str) and v for v in value):
+        raise TypeError(
+            f"LoraConfig.{field} must be a regex string or a sequence of non-empty module names, "
+            f"got {value!r}."
+        )
+    return tuple(value)
+
+
+def _as_pattern(field: str, value: Any, check) -> Pattern:
+    """A mapping regex -> value becomes an ordered tuple of pairs, so the config stays hashable."""
+    items = value.items() if isinstance(value, Mapping) else value
+    try:
+        pairs = tuple((k, v) for k, v in items)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"LoraConfig.{field} must be a mapping of regex -> value, got {value!r}."
+        ) from None
+    for key, v in pairs:
+        _compile(field, key)
+        check(f"{field}[{key!r}]", v)
+    return pairs
+
+
+def _check_rank(field: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"LoraConfig.{field} must be a positive int, got {value!r}.")
+
+
+def _check_alpha(field: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"LoraConfig.{field} must be a positive number, got {value!r}.")
+
+
+def matches_names(names: str | tuple[str, ...], path: str) -> bool:
+    """Whether a module path matches `targets`-style names.
+
+    A string is a regular expression full-matched against the path. A sequence of names
+    matches when the path equals a name or ends with '/' + name, so ``"q_proj"`` matches
+    ``layers_0/self_attn/q_proj`` and so does ``"self_attn/q_proj"`` (PEFT's rule).
+    """
+    if isinstance(names, str):
+        return re.fullmatch(names, path) is not None
+    return any(path == n or path.endswith("/" + n) for n in names)
+
+
+def matches_pattern(pattern: str, path: str) -> bool:
+    """Whether a `rank_pattern` / `alpha_pattern` / `trainable` regex matches a path.
+
+    The regex is full-matched against the path or against any suffix that starts at a
+    '/' boundary: ``"q_proj"`` matches ``layers_0/self_attn/q_proj``, ``"layers_0/.*"`` matches
+    every module under ``layers_0``.
+    """
+    return re.fullmatch(f"(?:.*/)?(?:{pattern})", path) is not None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    """What to adapt and how.
+
+    Attributes:
+      rank: rank r of every adapter (A is (in, r), B is (r, out)).
+      alpha: scaling numerator; the adapter output is scaled by alpha / rank
+        (alpha / sqrt(rank) with `use_rslora`).
+      dropout: dropout rate on the adapter input, applied only when a 'dropout' rng is passed.
+      targets: a sequence of module names (a module matches when its path ends with one of
+        them) or one regular expression full-matched against the '/'-joined module path.
+      exclude: modules removed from the targets, spelled like `targets`.
+      rank_pattern: regex -> rank overrides per module path, first match wins.
+      alpha_pattern: regex -> alpha overrides per module path, first match wins.
+      use_rslora: scale by alpha / sqrt(rank) (rank-stabilized LoRA).
+      init: "kaiming" (A uniform with bound 1/sqrt(fan_in), as PEFT; B zeros) or "gaussian"
+        (A normal with std 1/rank; B zeros). Embeddings follow PEFT: A zeros, B normal.
+      param_dtype: storage dtype of the adapter parameters.
+      trainable: regexes of extra base parameter paths to train in full, e.g.
+        ``("lm_head/kernel",)`` or ``("norm/scale", ".*_layernorm/scale")`` (PEFT's
+        modules_to_save), matched like `rank_pattern` keys against parameter paths.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str | tuple[str, ...] = ("query", "value")
+    exclude: str | tuple[str, ...] = ()
+    rank_pattern: Pattern = ()
+    alpha_pattern: Pattern = ()
+    use_rslora: bool = False
+    init: str = "kaiming"
+    param_dtype: Any = jnp.float32
+    trainable: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        _check_rank("rank", self.rank)
+        _check_alpha("alpha", self.alpha)
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not (0.0 <= self.dropout < 1.0)
+        ):
+            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}.")
+        set_ = lambda name, value: object.__setattr__(self, name, value)
+        set_("targets", _as_names("targets", self.targets))
+        if self.targets == ():
+            raise ValueError("LoraConfig.targets is empty: name at least one module to adapt.")
+        set_("exclude", _as_names("exclude", self.exclude))
+        set_("rank_pattern", _as_pattern("rank_pattern", self.rank_pattern, _check_rank))
+        set_("alpha_pattern", _as_pattern("alpha_pattern", self.alpha_pattern, _check_alpha))
+        if not isinstance(self.use_rslora, bool):
+            raise TypeError(f"LoraConfig.use_rslora must be a bool, got {self.use_rslora!r}.")
+        if self.init not in INITS:
+            raise ValueError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}.")
+        try:
+            dtype = jnp.dtype(self.param_dtype)
+        except TypeError:
+            dtype = None
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(
+                f"LoraConfig.param_dtype must be a floating dtype, got {self.param_dtype!r}."
+            )
+        set_("param_dtype", dtype)
+        trainable = (self.trainable,) if isinstance(self.trainable, str) else tuple(self.trainable)
+        for pattern in trainable:
+            _compile("trainable", pattern)
+        set_("trainable", trainable)
+
+    def is_target(self, path: str) -> bool:
+        """Whether the module at `path` gets an adapter."""
+        return matches_names(self.targets, path) and not (
+            self.exclude and matches_names(self.exclude, path)
+        )
+
+    def rank_for(self, path: str) -> int:
+        """The adapter rank for the module at `path` (first matching `rank_pattern`, else `rank`)."""
+        return next((v for k, v in self.rank_pattern if matches_pattern(k, path)), self.rank)
+
+    def alpha_for(self, path: str) -> float:
+        """The alpha for the module at `path` (first matching `alpha_pattern`, else `alpha`)."""
+        return next((v for k, v in self.alpha_pattern if matches_pattern(k, path)), self.alpha)
+
+    def scale_for(self, path: str) -> float:
+        """alpha / rank, or alpha / sqrt(rank) with `use_rslora`, for the module at `path`."""
+        rank = self.rank_for(path)
+        return float(self.alpha_for(path)) / (math.sqrt(rank) if self.use_rslora else rank)
+
+    def is_trainable_extra(self, param_path: str) -> bool:
+        """Whether a base parameter path is one of the `trainable` extras."""
+        return any(matches_pattern(p, param_path) for p in self.trainable)
+
+    def check_patterns(self, targeted: Sequence[str]) -> None:
+        """Raises if a `rank_pattern` / `alpha_pattern` key matches none of the targeted paths."""
+        for field in ("rank_pattern", "alpha_pattern"):
+            for key, _ in getattr(self, field):
+                if not any(matches_pattern(key, p) for p in targeted):
+                    raise ValueError(
+                        f"LoraConfig.{field} key {key!r} matches none of the targeted modules "
+                        f"{sorted(targeted)}."
+                    )
+
+
+def dtype_name(dtype: Any) -> str:
+    """A dtype's canonical name, e.g. 'bfloat16' (for JSON files and messages)."""
+    return np.dtype(dtype).name

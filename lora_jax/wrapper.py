@@ -1,0 +1,289 @@
+"""The LoRA wrapper module and initialization from pretrained parameters.
+
+`LoRA(model, config)` runs the unmodified `model` under `nn.intercept_methods`: each call to
+a targeted layer's method gets the adapter's delta added to its output. `nn.share_scope`
+keeps the model's own parameter paths, and the adapter leaves sit beside the parameter they
+adapt (`kernel_lora_a`, `kernel_lora_b`). A second collection, "lora", holds what the tree
+functions need to know without the module: each adapter's scale (`kernel_lora_scale`) and a
+marker (`<param>_trainable`) for each base parameter that `config.trainable` selects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+from flax.core import meta
+
+from lora_jax.config import (
+    A_SUFFIX,
+    B_SUFFIX,
+    LORA,
+    SCALE_SUFFIX,
+    TRAINABLE_SUFFIX,
+    LoraConfig,
+    matches_pattern,
+)
+from lora_jax.layers import Rule, rule_for
+
+_MAX_LISTED = 10
+
+
+@dataclasses.dataclass
+class _Trace:
+    """What one run of the wrapped model saw (used to validate targets at init)."""
+
+    adaptable: set[str] = dataclasses.field(default_factory=set)
+    targeted: set[str] = dataclasses.field(default_factory=set)
+    extras: set[str] = dataclasses.field(default_factory=set)
+    busy: bool = False  # computing a delta: do not intercept the rule's own module calls
+
+
+class LoRA(nn.Module):
+    """Adds LoRA adapters to an unmodified Flax model.
+
+    Attributes:
+      model: any flax.linen Module; its parameter paths are kept as they are.
+      config: which layers to adapt and how.
+
+    Call it exactly like `model`. To call another method of the model with adapters active,
+    use `lora_model.apply(params, *args, method=lambda m, *a: m.invoke("name", *a))`.
+    """
+
+    model: nn.Module
+    config: LoraConfig
+
+    def setup(self):
+        if not isinstance(self.config, LoraConfig):
+            raise TypeError(f"LoRA.config must be a lora_jax.LoraConfig, got {self.config!r}.")
+        nn.share_scope(self, self.model)
+
+    def __call__(self, *args, **kwargs):
+        return self.invoke("__call__", *args, **kwargs)
+
+    def invoke(self, method: str, *args, **kwargs):
+        """Calls `model.<method>(*args, **kwargs)` with the adapters active."""
+        trace = _Trace()
+        with nn.intercept_methods(lambda *a: _intercept(self, trace, *a)):
+            out = getattr(self.model, method)(*args, **kwargs)
+        if self.is_mutable_collection("params"):
+            _check_trace(self.config, trace)
+        return out
+
+
+def _intercept(wrapper: LoRA, trace: _Trace, next_fun, args, kwargs, context):
+    module = context.module
+    if trace.busy or module.scope is None or module.scope.root is not wrapper.scope.root:
+        return next_fun(*args, **kwargs)
+    out = next_fun(*args, **kwargs)
+    path = "/".join(module.scope.path)
+    if wrapper.is_mutable_collection("params"):
+        _mark_extras(wrapper.config, module, path, trace)
+    rule = rule_for(type(module))
+    if rule is None or context.method_name not in rule.methods:
+        return out
+    trace.adaptable.add(path)
+    if not wrapper.config.is_target(path):
+        return out
+    trace.targeted.add(path)
+    trace.busy = True
+    try:
+        return _add_delta(
+            wrapper.config, rule, module, path, context.method_name, args, kwargs, out
+        )
+    finally:
+        trace.busy = False
+
+
+def _add_delta(cfg: LoraConfig, rule: Rule, module, path, method, args, kwargs, out):
+    if not module.has_variable("params", rule.param):
+        raise ValueError(f"Module '{path}' has no parameter '{rule.param}' for its LoRA rule.")
+    shape = jnp.shape(meta.unbox(module.get_variable("params", rule.param)))
+    split = rule.split(module, shape, args, kwargs)
+    rank = cfg.rank_for(path)
+    shapes = dict(zip("ab", split.adapter_shapes(shape, rank), strict=True))
+    leaves = {}
+    for which, leaf_shape in shapes.items():
+        name = f"{rule.param}_lora_{which}"
+        _check_existing(module, "params", name, leaf_shape, path, rank)
+        init = lambda key, s, d, w=which: rule.init(w, cfg.init, key, s, d, split.fan_in(shape))
+        leaves[which] = _get_or_create(
+            module,
+            "params",
+            name,
+            lambda: module.scope.param(name, init, leaf_shape, cfg.param_dtype),
+        )
+    scale_name = rule.param + SCALE_SUFFIX
+    _check_existing(module, LORA, scale_name, (), path, rank)
+    make_scale = lambda: jnp.float32(cfg.scale_for(path))
+    scale = _get_or_create(
+        module, LORA, scale_name, lambda: module.scope.variable(LORA, scale_name, make_scale).value
+    )
+
+    x = args[0] if args else None
+    dtype = x.dtype if x is not None and jnp.issubdtype(x.dtype, jnp.floating) else out.dtype
+    a, b = (leaves[w].astype(dtype) for w in "ab")
+    delta = rule.delta(module, method, args, kwargs, a, b, _dropout(cfg, module))
+    return out + (delta * scale.astype(dtype)).astype(out.dtype)
+
+
+def _get_or_create(module, collection: str, name: str, create):
+    # Scope-level calls: they work in setup-style modules too, outside setup. A layer called
+    # twice (shared weights) reads what its first call created.
+    if module.has_variable(collection, name):
+        return meta.unbox(module.get_variable(collection, name))
+    return create()
+
+
+def _check_existing(module, collection, name, shape, path, rank):
+    if module.is_mutable_collection(collection) and not module.has_variable(collection, name):
+        return  # created now
+    if not module.has_variable(collection, name):
+        raise ValueError(
+            f"'{collection}/{path}/{name}' is missing: pass the whole tree that lora_jax.init "
+            "returned (both its 'params' and 'lora' collections) to the LoRA model."
+        )
+    found = jnp.shape(meta.unbox(module.get_variable(collection, name)))
+    if found != tuple(shape):
+        raise ValueError(
+            f"Leaf '{collection}/{path}/{name}' has shape {found} but the LoRA config expects "
+            f"{tuple(shape)} (rank {rank}): the params were built with another rank or model."
+        )
+
+
+def _dropout(cfg: LoraConfig, module):
+    if cfg.dropout == 0.0 or not module.scope.has_rng("dropout"):
+        return lambda x: x
+    key = module.make_rng("dropout")
+
+    def apply(x):
+        keep = jax.random.bernoulli(key, 1.0 - cfg.dropout, x.shape)
+        return jnp.where(keep, x / (1.0 - cfg.dropout), jnp.zeros_like(x))
+
+    return apply
+
+
+def _mark_extras(cfg: LoraConfig, module, path: str, trace: _Trace) -> None:
+    """Marks the module's parameters that `cfg.trainable` selects (at init only)."""
+    if not cfg.trainable:
+        return
+    for name in module.variables.get("params", {}):
+        param_path = f"{path}/{name}" if path else name
+        if name.endswith((A_SUFFIX, B_SUFFIX)) or not cfg.is_trainable_extra(param_path):
+            continue
+        trace.extras.add(param_path)
+        if not module.has_variable(LORA, name + TRAINABLE_SUFFIX):
+            module.scope.variable(LORA, name + TRAINABLE_SUFFIX, lambda: jnp.bool_(True))
+
+
+def _check_trace(cfg: LoraConfig, trace: _Trace) -> None:
+    if not trace.targeted:
+        listed = sorted(trace.adaptable)
+        raise ValueError(
+            f"LoraConfig.targets={cfg.targets!r} (exclude={cfg.exclude!r}) matches no module. "
+            f"Adaptable module paths: {listed if listed else 'none: the model has no layer with a LoRA rule'}."
+        )
+    cfg.check_patterns(sorted(trace.targeted))
+    for pattern in cfg.trainable:
+        if not any(matches_pattern(pattern, p) for p in trace.extras):
+            raise ValueError(
+                f"LoraConfig.trainable pattern {pattern!r} matches no parameter path "
+                "(paths look like 'lm_head/kernel' or 'layers_0/input_layernorm/scale')."
+            )
+
+
+# --------------------------------------------------------------------------- init
+
+
+def init(lora_model: LoRA, rng, *args, base_params: Mapping | None = None, **kwargs):
+    """Initializes a LoRA model, from pretrained parameters when `base_params` is given.
+
+    With `base_params`, the model is traced for shapes only (no random base weights are ever
+    made), the tree is checked against the model, and only the adapter leaves and the "lora"
+    collection are computed; base leaves are returned as the very same arrays, except the
+    `config.trainable` extras, which are copied so that a donating train step can never
+    delete the caller's pretrained arrays.
+
+    Args:
+      lora_model: a `LoRA` module.
+      rng: a PRNG key, or a dict of keys by rng name ("params" is required).
+      *args: sample inputs, as for `model.init`.
+      base_params: pretrained variables `{"params": ...}` (other collections allowed), or the
+        bare params dict.
+      **kwargs: sample keyword inputs.
+
+    Returns:
+      The variables dict: "params" (base + adapter leaves) and "lora" (scales, markers).
+    """
+    if not isinstance(lora_model, LoRA):
+        raise TypeError(f"init needs a lora_jax.LoRA module, got {type(lora_model).__name__}.")
+    rngs = dict(rng) if isinstance(rng, Mapping) else {"params": rng}
+    if base_params is None:
+        return lora_model.init(rngs, *args, **kwargs)
+    abstract = jax.eval_shape(lambda r, *a: lora_model.init(r, *a, **kwargs), rngs, *args)
+    base = _as_variables(base_params, abstract)
+    _check_fits(base, abstract)
+
+    @jax.jit
+    def new_leaves(base, rngs, *args):
+        _, variables = lora_model.apply(base, *args, rngs=rngs, mutable=True, **kwargs)
+        flat = traverse_util.flatten_dict(variables, sep="/")
+        return {k: v for k, v in flat.items() if _is_new(k)}
+
+    flat = traverse_util.flatten_dict(base, sep="/")
+    flat.update(new_leaves(base, rngs, *args))
+    extras = [k for k in flat if k.startswith(LORA + "/") and k.endswith(TRAINABLE_SUFFIX)]
+    for marker in extras:
+        param = "params/" + marker[len(LORA) + 1 : -len(TRAINABLE_SUFFIX)]
+        flat[param] = jax.tree.map(jnp.copy, flat[param])
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _is_new(path: str) -> bool:
+    return path.startswith(LORA + "/") or path.endswith((A_SUFFIX, B_SUFFIX))
+
+
+def _as_variables(base_params: Mapping, abstract: Mapping) -> dict:
+    if not isinstance(base_params, Mapping):
+        raise TypeError(
+            f"base_params must be a dict of parameters, got {type(base_params).__name__}."
+        )
+    collections = set(abstract) - {LORA}
+    if base_params and set(base_params) <= collections:
+        return dict(base_params)
+    return {"params": base_params}
+
+
+def _check_fits(base: Mapping, abstract: Mapping) -> None:
+    """Raises listing every leaf of `base` that does not fit the model's own shapes."""
+    expected = {
+        k: v.shape
+        for k, v in traverse_util.flatten_dict(meta.unbox(abstract), sep="/").items()
+        if not _is_new(k)
+    }
+    found = {
+        k: jnp.shape(v) for k, v in traverse_util.flatten_dict(meta.unbox(base), sep="/").items()
+    }
+    problems = [
+        f"Leaf '{k}' is missing (the model expects shape {expected[k]})."
+        for k in expected
+        if k not in found
+    ]
+    problems += [f"Leaf '{k}' is not a parameter of the model." for k in found if k not in expected]
+    problems += [
+        f"Leaf '{k}' has shape {found[k]} but the model expects {expected[k]}."
+        for k in expected
+        if k in found and tuple(found[k]) != tuple(expected[k])
+    ]
+    if problems:
+        more = len(problems) - _MAX_LISTED
+        listed = "\n  ".join(problems[:_MAX_LISTED]) + (
+            f"\n  ... and {more} more." if more > 0 else ""
+        )
+        raise ValueError(
+            f"base_params do not fit the model ({len(problems)} problems):\n  {listed}"
+        )
