@@ -113,7 +113,7 @@ class LinearRule(Rule):
         ]
         if "".join(kinds) != "".join(sorted(kinds)):  # "b" < "i" < "o"
             raise ValueError(
-                f"Module '{'/'.join(module.scope.path)}' ({type(module).__name__}) contracts "
+                f"Module '{module_path(module)}' ({type(module).__name__}) contracts "
                 f"'{x_spec},{p_spec}->{y_spec}': its parameter axes must be ordered batch, "
                 f"contracted, output for LoRA, found {''.join(kinds)} (b/i/o). Register a "
                 "custom rule for this layer with lora_jax.register_rule."
@@ -192,7 +192,7 @@ class ConvRule(Rule):
     def split(self, module: nn.Conv, shape, args, kwargs):
         if module.feature_group_count != 1 or module.mask is not None:
             raise ValueError(
-                f"Module '{'/'.join(module.scope.path)}': LoRA on nn.Conv supports "
+                f"Module '{module_path(module)}': LoRA on nn.Conv supports "
                 f"feature_group_count=1 and no mask, found feature_group_count="
                 f"{module.feature_group_count}, mask={'set' if module.mask is not None else None}."
             )
@@ -204,6 +204,19 @@ class ConvRule(Rule):
         )
         h = down.apply({"params": {"kernel": a}}, dropout(args[0].astype(a.dtype)))
         return h @ b
+
+
+def module_path(module: nn.Module) -> str:
+    """The '/'-joined path of a bound module's variables in the tree.
+
+    Walks the scope's parent links rather than reading `scope.path`: `nn.share_scope`
+    re-parents a wrapped model's attribute submodules without updating their recorded path.
+    """
+    names, scope = [], module.scope
+    while scope is not None and scope.parent is not None:
+        names.append(str(scope.name))
+        scope = scope.parent
+    return "/".join(reversed(names))
 
 
 _RULES: dict[type, Rule] = {}

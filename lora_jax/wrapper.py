@@ -28,7 +28,7 @@ from lora_jax.config import (
     LoraConfig,
     matches_pattern,
 )
-from lora_jax.layers import Rule, rule_for
+from lora_jax.layers import Rule, module_path, rule_for
 
 _MAX_LISTED = 10
 
@@ -80,7 +80,7 @@ def _intercept(wrapper: LoRA, trace: _Trace, next_fun, args, kwargs, context):
     if trace.busy or module.scope is None or module.scope.root is not wrapper.scope.root:
         return next_fun(*args, **kwargs)
     out = next_fun(*args, **kwargs)
-    path = "/".join(module.scope.path)
+    path = module_path(module)
     if wrapper.is_mutable_collection("params"):
         _mark_extras(wrapper.config, module, path, trace)
     rule = rule_for(type(module))

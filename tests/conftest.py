@@ -1,0 +1,52 @@
+"""Shared test set-up: strict JAX numerics, hypothesis profiles, small helpers."""
+
+import os
+import zlib
+
+import chex
+import hypothesis
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+hypothesis.settings.register_profile(
+    "default", max_examples=8, deadline=None, derandomize=True, print_blob=True)
+hypothesis.settings.register_profile(
+    "thorough", max_examples=200, deadline=None, print_blob=True)
+hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+# Bound for bfloat16 comparisons: bf16 keeps 8 significant bits (relative step 2**-8); the
+# merged kernel is rounded to bf16 once and the unmerged path rounds the base output and the
+# delta separately, then a dot over up to a few hundred terms accumulates the rounding.
+BF16_REL_TOL = 5e-2
+F32_REL_TOL = 1e-5
+
+
+def randomize_adapters(params, key, scale=0.5):
+    """Replaces every adapter leaf by a normal draw, so that ΔW is non-zero."""
+    flat = traverse_util.flatten_dict(params, sep="/")
+    for path, v in flat.items():
+        if path.endswith(("_lora_a", "_lora_b")):
+            k = jax.random.fold_in(key, zlib.crc32(path.encode()))
+            flat[path] = (scale * jax.random.normal(k, v.shape, jnp.float32)).astype(v.dtype)
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def assert_close(actual, expected, dtype, reference=None):
+    """Asserts two outputs agree to the tolerance of `dtype`, relative to the output's size."""
+    reference = expected if reference is None else reference
+    f32 = lambda t: jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), t)
+    size = max([1.0] + [float(jnp.max(jnp.abs(v))) for v in jax.tree.leaves(f32(reference))])
+    tol = (BF16_REL_TOL if jnp.dtype(dtype) == jnp.bfloat16 else F32_REL_TOL) * size
+    chex.assert_trees_all_close(f32(actual), f32(expected), atol=tol, rtol=0)
+
+
+def leaves_by_path(tree):
+    return traverse_util.flatten_dict(tree, sep="/")
+
+
+def same_arrays(a, b):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
