@@ -45,11 +45,11 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument(
         "--targets",
-        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        default="q_proj,v_proj",
         help="comma-separated module names to adapt",
     )
     p.add_argument("--base-steps", type=int, default=100, help="pretraining steps on source code")
-    p.add_argument("--steps", type=int, default=100, help="LoRA fine-tuning steps")
+    p.add_argument("--steps", type=int, default=200, help="LoRA fine-tuning steps")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3, help="LoRA learning rate")
@@ -117,7 +117,7 @@ def batches(tokens: np.ndarray, batch: int, seq: int, seed: int):
 
 def eval_batches(tokens: np.ndarray, batch: int, seq: int, count: int = 8):
     """Fixed held-out windows, the same before and after fine-tuning."""
-    return [b for _, b in zip(range(count), batches(tokens, batch, seq, seed=1234))]
+    return [b for _, b in zip(range(count), batches(tokens, batch, seq, seed=1234), strict=False)]
 
 
 # --------------------------------------------------------------------------- training
@@ -218,9 +218,9 @@ def plot(out: Path, base_losses, lora_losses, before: float, after: float) -> Pa
         print("matplotlib is not installed (pip install -e '.[examples]'): no plot.")
         return None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(*zip(*base_losses), label="train")
+    ax1.plot(*zip(*base_losses, strict=True), label="train")
     ax1.set(title="1. Pretraining on Python source", xlabel="step", ylabel="loss (nats/byte)")
-    ax2.plot(*zip(*lora_losses), label="train", color="tab:orange")
+    ax2.plot(*zip(*lora_losses, strict=True), label="train", color="tab:orange")
     ax2.axhline(before, ls="--", color="gray", label=f"held-out before {before:.3f}")
     ax2.axhline(after, ls=":", color="tab:green", label=f"held-out after {after:.3f}")
     ax2.set(title="2. LoRA fine-tuning on prose", xlabel="step")

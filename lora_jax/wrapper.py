@@ -105,38 +105,56 @@ def _add_delta(cfg: LoraConfig, rule: Rule, module, path, method, args, kwargs, 
     shape = jnp.shape(meta.unbox(module.get_variable("params", rule.param)))
     split = rule.split(module, shape, args, kwargs)
     rank = cfg.rank_for(path)
-    shapes = dict(zip("ab", split.adapter_shapes(shape, rank), strict=True))
-    leaves = {}
-    for which, leaf_shape in shapes.items():
-        name = f"{rule.param}_lora_{which}"
-        _check_existing(module, "params", name, leaf_shape, path, rank)
-        init = lambda key, s, d, w=which: rule.init(w, cfg.init, key, s, d, split.fan_in(shape))
-        leaves[which] = _get_or_create(
-            module,
-            "params",
-            name,
-            lambda: module.scope.param(name, init, leaf_shape, cfg.param_dtype),
-        )
-    scale_name = rule.param + SCALE_SUFFIX
-    _check_existing(module, LORA, scale_name, (), path, rank)
-    make_scale = lambda: jnp.float32(cfg.scale_for(path))
-    scale = _get_or_create(
-        module, LORA, scale_name, lambda: module.scope.variable(LORA, scale_name, make_scale).value
+    a_shape, b_shape = split.adapter_shapes(shape, rank)
+    init = lambda which: (
+        lambda key, s, d: rule.init(which, cfg.init, key, s, d, split.fan_in(shape))
+    )
+    a = _leaf(
+        module,
+        "params",
+        f"{rule.param}_lora_a",
+        a_shape,
+        path,
+        rank,
+        lambda n: module.scope.param(n, init("a"), a_shape, cfg.param_dtype),
+    )
+    b = _leaf(
+        module,
+        "params",
+        f"{rule.param}_lora_b",
+        b_shape,
+        path,
+        rank,
+        lambda n: module.scope.param(n, init("b"), b_shape, cfg.param_dtype),
+    )
+    scale = _leaf(
+        module,
+        LORA,
+        rule.param + SCALE_SUFFIX,
+        (),
+        path,
+        rank,
+        lambda n: module.scope.variable(LORA, n, jnp.float32, cfg.scale_for(path)).value,
     )
 
     x = args[0] if args else None
     dtype = x.dtype if x is not None and jnp.issubdtype(x.dtype, jnp.floating) else out.dtype
-    a, b = (leaves[w].astype(dtype) for w in "ab")
-    delta = rule.delta(module, method, args, kwargs, a, b, _dropout(cfg, module))
+    delta = rule.delta(
+        module, method, args, kwargs, a.astype(dtype), b.astype(dtype), _dropout(cfg, module)
+    )
     return out + (delta * scale.astype(dtype)).astype(out.dtype)
 
 
-def _get_or_create(module, collection: str, name: str, create):
-    # Scope-level calls: they work in setup-style modules too, outside setup. A layer called
-    # twice (shared weights) reads what its first call created.
+def _leaf(module, collection: str, name: str, shape, path: str, rank: int, create):
+    """Reads an adapter leaf, checking its shape, or creates it (init, or a mutable apply).
+
+    Scope-level calls work in setup-style modules too, outside setup; a layer called twice
+    (shared weights) reads what its first call created.
+    """
+    _check_existing(module, collection, name, shape, path, rank)
     if module.has_variable(collection, name):
         return meta.unbox(module.get_variable(collection, name))
-    return create()
+    return create(name)
 
 
 def _check_existing(module, collection, name, shape, path, rank):

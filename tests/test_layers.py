@@ -113,7 +113,7 @@ def _reference(model, base, params, x, param):
         delta = jnp.tensordot(a, b, axes=1)
     ref = f32(base)
     ref["params"]["layer"][param] = w + p[f"lora/layer/{param}_lora_scale"] * delta
-    cast = lambda l: l.clone(dtype=jnp.float32, param_dtype=jnp.float32)
+    cast = lambda layer: layer.clone(dtype=jnp.float32, param_dtype=jnp.float32)
     x32 = x if jnp.issubdtype(x.dtype, jnp.integer) else x.astype(jnp.float32)
     return jax.jit(Holder(cast(model.layer)).apply)(ref, x32)
 
