@@ -1,6 +1,7 @@
 """A jit-compiled train step that differentiates the trainable leaves only.
 
-Three traps that a whole-tree train step falls into, all measured on a 4-layer model:
+Three traps that a whole-tree train step falls into (benchmarks/train_step_traps.py measures
+them; figures in the README):
 - A gradient of the whole tree compiles to the same FLOPs as one of the trainable half only
   while nothing reads the frozen gradients; a global-norm clip over the whole tree reads them
   all and costs more than full fine-tuning. Here the gradient exists only for trainable
