@@ -161,3 +161,26 @@ def test_bad_arguments():
         lj.init(Net(), jax.random.key(0), X)
     with pytest.raises(TypeError, match="LoRA.config must be a lora_jax.LoraConfig"):
         lj.LoRA(Net(), {"rank": 4}).init(jax.random.key(0), X)
+
+
+class Encoder(nn.Module):
+    def setup(self):
+        self.query = nn.Dense(4)
+        self.head = nn.Dense(2)
+
+    def __call__(self, x):
+        return self.head(self.encode(x))
+
+    def encode(self, x):
+        return self.query(x)
+
+
+def test_invoke_runs_other_methods_with_adapters():
+    x = jnp.ones((3, 5))
+    base = Encoder().init(jax.random.key(0), x)
+    lora_model = lj.LoRA(Encoder(), lj.LoraConfig(rank=2, targets=("query",)))
+    params = randomize_adapters(lj.init(lora_model, jax.random.key(1), x, base_params=base), jax.random.key(2))
+    encode = lambda m, x: m.invoke("encode", x)
+    adapted = lora_model.apply(params, x, method=encode)
+    assert_close(adapted, Encoder().apply(lj.merge(params), x, method=Encoder.encode), jnp.float32)
+    assert not jnp.allclose(adapted, Encoder().apply(base, x, method=Encoder.encode))

@@ -1,0 +1,11 @@
+"""The README's quickstart runs as written."""
+
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_quickstart_runs():
+    text = README.read_text()
+    code = text.split("## Quickstart", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    exec(compile(code, "README quickstart", "exec"), {})
