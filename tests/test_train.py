@@ -1,4 +1,12 @@
-"""lj.make_train_step: trains adapters only, frozen leaves bit-identical, traces once."""
+"""Tests for `lora_jax.make_train_step`.
+
+The jitted step lowers the loss, trains every adapter (and `LoraConfig.trainable` extras)
+while frozen leaves stay bit-identical and are returned as the very same arrays, never
+deletes the caller's pretrained arrays when it donates buffers, traces once, applies LoRA
+dropout only when given an rng, returns aux, rejects a whole-tree optimizer state and
+non-LoRA modules, and gives the same result with a plain optax optimizer as with
+`lora_jax.optimizer`.
+"""
 
 import chex
 import flax.linen as nn
@@ -10,9 +18,16 @@ import pytest
 from conftest import leaves_by_path, randomize_adapters
 
 import lora_jax as lj
+from lora_jax.models import Llama, LlamaConfig, causal_lm_loss
+
+X = jax.random.normal(jax.random.key(0), (8, 6))
+Y = jax.random.normal(jax.random.key(1), (8, 4))
+BATCH = (X, Y)
 
 
 class Net(nn.Module):
+    """Two Dense layers around a LayerNorm."""
+
     @nn.compact
     def __call__(self, x):
         h = nn.relu(nn.Dense(16, name="query")(x))
@@ -20,8 +35,14 @@ class Net(nn.Module):
         return nn.Dense(4, name="value")(h)
 
 
-X = jax.random.normal(jax.random.key(0), (8, 6))
-Y = jax.random.normal(jax.random.key(1), (8, 4))
+class Counters(Net):
+    """Net plus integer and boolean leaves in the "params" collection."""
+
+    @nn.compact
+    def __call__(self, x):
+        count = self.variable("params", "step_count", lambda: jnp.int32(3))
+        flag = self.param("flag", lambda key: jnp.array([True, False]))
+        return super().__call__(x) + 0.01 * (count.value + flag.sum()).astype(x.dtype)
 
 
 def mse(apply, batch):
@@ -29,83 +50,193 @@ def mse(apply, batch):
     return jnp.mean((apply(x) - y) ** 2)
 
 
-def _setup(**cfg):
-    base = Net().init(jax.random.key(2), X)
-    lora_model = lj.LoRA(Net(), lj.LoraConfig(rank=2, targets=("query", "value"), **cfg))
-    return base, lora_model, lj.init(lora_model, jax.random.key(3), X, base_params=base)
+BASE = Net().init(jax.random.key(2), X)
 
 
-def test_trains_adapters_only_and_keeps_frozen_bit_identical():
-    base, lora_model, params = _setup()
-    before = {k: np.asarray(v) for k, v in leaves_by_path(params).items()}
-    base_copy = jax.tree.map(np.asarray, base)
-    step = lj.make_train_step(lora_model, mse, lj.optimizer(optax.adam(1e-2), params))
-    opt_state = step.init(params)
+def _setup(model=None, base=None, seed=3, **cfg):
+    model = Net() if model is None else model
+    base = BASE if base is None else base
+    lora_model = lj.LoRA(model, lj.LoraConfig(rank=2, targets=("query", "value"), **cfg))
+    return lora_model, lj.init(lora_model, jax.random.key(seed), X, base_params=base)
+
+
+def _snapshot(tree):
+    """Host copies of every leaf, by path (real copies: donated buffers get reused)."""
+    return {k: np.array(v, copy=True) for k, v in leaves_by_path(tree).items()}
+
+
+def _train(step, params, opt_state, n, batch=BATCH, **kw):
     losses = []
-    for _ in range(20):
-        params, opt_state, loss = step(params, opt_state, (X, Y))
+    for _ in range(n):
+        params, opt_state, loss = step(params, opt_state, batch, **kw)
         losses.append(float(loss))
-    assert losses[-1] < 0.9 * losses[0]
-    after = leaves_by_path(params)
+    return params, opt_state, losses
+
+
+def test_steps_lower_the_loss():
+    lora_model, params = _setup()
+    step = lj.make_train_step(lora_model, mse, lj.optimizer(optax.adam(1e-2), params))
+    _, _, losses = _train(step, params, step.init(params), 15)
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert all(np.isfinite(losses))
+
+
+def test_frozen_leaves_stay_bit_identical_and_every_adapter_changes():
+    lora_model, params = _setup()
+    before, before_objects = _snapshot(params), leaves_by_path(params)
+    step = lj.make_train_step(lora_model, mse, lj.optimizer(optax.adam(1e-2), params))
+    params, _, _ = _train(step, params, step.init(params), 5)
     trainable = lj.trainable_paths(params)
+    assert len(trainable) == 4
+    base_flat = leaves_by_path(BASE)
+    after = leaves_by_path(params)
+    assert set(after) == set(before)
     for path, value in after.items():
         if path in trainable:
-            assert not np.array_equal(before[path], value), path
+            assert not np.array_equal(value, before[path]), path
         else:
-            np.testing.assert_array_equal(before[path], value)
-            assert value is leaves_by_path(base).get(path, value), path  # same array objects
-    chex.assert_trees_all_equal(base, base_copy)  # the pretrained arrays are intact
+            np.testing.assert_array_equal(value, before[path], err_msg=path)
+            assert value is before_objects[path], path  # the very same arrays, not copies
+            if path in base_flat:
+                assert value is base_flat[path], path
 
 
-def test_traces_once():
-    _, lora_model, params = _setup()
+def test_donation_never_deletes_pretrained_arrays_and_extras_train():
+    base = Net().init(jax.random.key(4), X)  # not shared: this test checks deletion
+    base_copy = _snapshot(base)
+    lora_model, params = _setup(base=base, trainable=("norm/scale",))
+    scale_path = "params/norm/scale"
+    assert scale_path in lj.trainable_paths(params)
+    # init copies the extra, so that donating it cannot delete the caller's array
+    assert params["params"]["norm"]["scale"] is not base["params"]["norm"]["scale"]
+    np.testing.assert_array_equal(params["params"]["norm"]["scale"], base["params"]["norm"]["scale"])
+    step = lj.make_train_step(lora_model, mse, lj.optimizer(optax.adam(1e-2), params))
+    first_adapter = params["params"]["query"]["kernel_lora_a"]
+    first_extra = params["params"]["norm"]["scale"]
+    params, _, _ = _train(step, params, step.init(params), 3)
+    # Donation is really on: the trainable arrays handed to the first step are gone ...
+    assert first_adapter.is_deleted() and first_extra.is_deleted()
+    # ... while every pretrained array is alive and unchanged.
+    for path, value in leaves_by_path(base).items():
+        assert not value.is_deleted(), path
+        np.testing.assert_array_equal(np.asarray(value), base_copy[path], err_msg=path)
+    # The extra was trained.
+    assert not np.array_equal(params["params"]["norm"]["scale"], base_copy[scale_path])
+
+
+def test_jitted_step_traces_once():
+    lora_model, params = _setup(dropout=0.1)
     chex.clear_trace_counter()
     counted = chex.assert_max_traces(mse, n=1)
-    step = lj.make_train_step(lora_model, counted, optax.sgd(0.1))
+    step = lj.make_train_step(lora_model, counted, lj.optimizer(optax.adam(1e-2), params))
+    params, opt_state, _ = _train(step, params, step.init(params), 4)
+    # A new shape must retrace: the counter catches it (so it was counting).
+    with pytest.raises(AssertionError, match="retrac|trace"):
+        step(params, opt_state, (X[:4], Y[:4]))
+    # With a dropout rng (new keys every step) it also traces once.
+    chex.clear_trace_counter()
+    lora_model, params = _setup(dropout=0.1)
+    counted = chex.assert_max_traces(mse, n=1)
+    step = lj.make_train_step(lora_model, counted, optax.adam(1e-2))
     opt_state = step.init(params)
-    for _ in range(4):
-        params, opt_state, _ = step(params, opt_state, (X, Y))
-
-
-def test_extras_are_trained_and_pretrained_arrays_survive_donation():
-    base, lora_model, params = _setup(trainable=("norm/scale",))
-    pretrained_scale = np.asarray(base["params"]["norm"]["scale"])
-    step = lj.make_train_step(lora_model, mse, lj.optimizer(optax.adam(1e-2), params))
-    opt_state = step.init(params)
-    for _ in range(3):
-        params, opt_state, _ = step(params, opt_state, (X, Y))
-    np.testing.assert_array_equal(base["params"]["norm"]["scale"], pretrained_scale)  # still readable
-    assert not np.array_equal(params["params"]["norm"]["scale"], pretrained_scale)
+    for i in range(4):
+        params, opt_state, _ = step(params, opt_state, BATCH, rng=jax.random.key(i))
+    chex.clear_trace_counter()
 
 
 def test_dropout_rng_changes_the_loss():
-    _, lora_model, params = _setup(dropout=0.5)
-    params = randomize_adapters(params, jax.random.key(4))
-    step = lj.make_train_step(lora_model, mse, optax.sgd(0.0), donate=False)
+    lora_model, params = _setup(dropout=0.5)
+    step = lj.make_train_step(lora_model, mse, optax.sgd(0.1), donate=False)
     opt_state = step.init(params)
-    _, _, plain = step(params, opt_state, (X, Y))
-    _, _, again = step(params, opt_state, (X, Y))
-    _, _, dropped = step(params, opt_state, (X, Y), rng=jax.random.key(5))
-    assert float(plain) == float(again) and float(plain) != float(dropped)
+    loss = lambda p, **kw: float(step(p, opt_state, BATCH, **kw)[2])
+    # With B == 0 at init the adapter adds nothing, dropped or not.
+    assert loss(params, rng=jax.random.key(5)) == loss(params)
+    params = randomize_adapters(params, jax.random.key(6))
+    plain = loss(params)
+    assert loss(params) == plain
+    dropped = loss(params, rng=jax.random.key(5))
+    assert dropped != plain
+    assert loss(params, rng=jax.random.key(5)) == dropped  # deterministic per key
+    assert loss(params, rng={"dropout": jax.random.key(5)}) == dropped  # dict of rngs
+    assert loss(params, rng=jax.random.key(7)) != dropped
 
 
-def test_has_aux_and_plain_optax_matches_wrapped():
-    _, lora_model, params = _setup()
-    aux_loss = lambda apply, b: (mse(apply, b), {"n": b[0].shape[0]})
-    results = []
-    for tx in (optax.adam(1e-2), lj.optimizer(optax.adam(1e-2), params)):
-        step = lj.make_train_step(lora_model, aux_loss, tx, has_aux=True, donate=False)
-        p, s, loss, aux = step(params, step.init(params), (X, Y))
-        assert aux == {"n": 8}
-        results.append(p)
-    chex.assert_trees_all_close(*results)
+def test_has_aux_returns_aux():
+    lora_model, params = _setup()
+    params = randomize_adapters(params, jax.random.key(8))
+
+    def loss_fn(apply, batch):
+        out = apply(batch[0])
+        return jnp.mean((out - batch[1]) ** 2), {"out": out, "n": batch[0].shape[0]}
+
+    expected_out = lora_model.apply(params, X)
+    step = lj.make_train_step(lora_model, loss_fn, optax.sgd(0.1), has_aux=True)
+    result = step(params, step.init(params), BATCH)
+    assert len(result) == 4
+    new_params, _, loss, aux = result
+    assert aux["n"] == 8
+    chex.assert_trees_all_close(aux["out"], expected_out, atol=1e-6)  # pre-update params
+    np.testing.assert_allclose(loss, jnp.mean((expected_out - Y) ** 2), rtol=1e-6)
+    chex.assert_trees_all_equal_structs(new_params, params)
 
 
-def test_errors():
-    _, lora_model, params = _setup()
-    tx = optax.adam(1e-2)
+@pytest.mark.parametrize("wrapped", [False, True], ids=["plain", "lj.optimizer"])
+def test_whole_tree_opt_state_raises(wrapped):
+    lora_model, params = _setup()
+    tx = lj.optimizer(optax.adam(1e-2), params) if wrapped else optax.adam(1e-2)
     step = lj.make_train_step(lora_model, mse, tx)
-    with pytest.raises(ValueError, match=r"step.init\(params\)"):
-        step(params, tx.init(params), (X, Y))
-    with pytest.raises(TypeError, match="make_train_step needs a lora_jax.LoRA module"):
-        lj.make_train_step(Net(), mse, tx)
+    with pytest.raises(ValueError, match=r"step\.init"):
+        step(params, tx.init(params), BATCH)
+    # Nothing was donated by the failed call: the params still train.
+    step(params, step.init(params), BATCH)
+
+
+def test_non_lora_module_or_bad_loss_raises_type_error():
+    with pytest.raises(TypeError, match="lora_jax.LoRA"):
+        lj.make_train_step(Net(), mse, optax.sgd(0.1))
+    lora_model, _ = _setup()
+    with pytest.raises(TypeError, match="loss_fn"):
+        lj.make_train_step(lora_model, "mse", optax.sgd(0.1))
+
+
+def test_plain_optax_matches_lora_optimizer():
+    runs = []
+    for wrap in (False, True):
+        lora_model, params = _setup(seed=9)  # same seed: identical starting adapters
+        tx = optax.adamw(1e-2)
+        step = lj.make_train_step(lora_model, mse, lj.optimizer(tx, params) if wrap else tx)
+        params, _, losses = _train(step, params, step.init(params), 4)
+        runs.append((params, losses))
+    (plain, plain_losses), (wrapped, wrapped_losses) = runs
+    assert plain_losses == wrapped_losses
+    chex.assert_trees_all_equal(plain, wrapped)
+
+
+def test_non_float_leaves_pass_through_the_step():
+    model = Counters()
+    base = model.init(jax.random.key(10), X)
+    lora_model, params = _setup(model=model, base=base)
+    step = lj.make_train_step(lora_model, mse, lj.optimizer(optax.adam(1e-2), params))
+    params, _, losses = _train(step, params, step.init(params), 3)
+    assert losses[-1] < losses[0]
+    for name in ("step_count", "flag"):
+        assert params["params"][name] is base["params"][name]
+        assert params["params"][name].dtype == base["params"][name].dtype
+
+
+def test_llama_lora_lowers_causal_lm_loss():
+    model = Llama(LlamaConfig.tiny())
+    ids = jax.random.randint(jax.random.key(11), (2, 17), 0, 256)
+    base = model.init(jax.random.key(12), ids[:, :-1])
+    lora_model = lj.LoRA(model, lj.LoraConfig(rank=4, targets=("q_proj", "v_proj")))
+    params = lj.init(lora_model, jax.random.key(13), ids[:, :-1], base_params=base)
+    step = lj.make_train_step(
+        lora_model,
+        lambda apply, b: causal_lm_loss(apply(b[:, :-1]), b[:, 1:]),
+        lj.optimizer(optax.adamw(1e-2), params),
+    )
+    params, _, losses = _train(step, params, step.init(params), 20, batch=ids)
+    assert losses[-1] < losses[0] - 0.1, losses
+    flat = leaves_by_path(params)
+    for path, value in leaves_by_path(base).items():
+        assert flat[path] is value, path
