@@ -124,6 +124,17 @@ def merge(params: Tree) -> dict:
     flat = _flat(params)
     if not any(is_adapter(k) for k in flat) and not any(k.startswith(LORA + "/") for k in flat):
         return params
+    orphans = sorted(
+        k
+        for k in flat
+        if k.startswith("params/")
+        and k.endswith(B_SUFFIX)
+        and k[: -len(B_SUFFIX)] + A_SUFFIX not in flat
+    )
+    if orphans:
+        raise ValueError(
+            f"Adapter '{orphans[0]}' has no '{orphans[0][: -len(B_SUFFIX)] + A_SUFFIX}' to merge with."
+        )
     out = {k: v for k, v in flat.items() if not is_adapter(k) and not k.startswith(LORA + "/")}
     for a_path in (k for k in flat if k.startswith("params/") and k.endswith(A_SUFFIX)):
         w_path = a_path[: -len(A_SUFFIX)]

@@ -193,6 +193,12 @@ def _mark_extras(cfg: LoraConfig, module, path: str, trace: _Trace) -> None:
         param_path = f"{path}/{name}" if path else name
         if name.endswith((A_SUFFIX, B_SUFFIX)) or not cfg.is_trainable_extra(param_path):
             continue
+        value = meta.unbox(module.get_variable("params", name))
+        if not jnp.issubdtype(jnp.result_type(value), jnp.floating):
+            raise ValueError(
+                f"LoraConfig.trainable selects '{param_path}', a {jnp.result_type(value)} "
+                "parameter: only floating-point parameters can be trained. Narrow the pattern."
+            )
         trace.extras.add(param_path)
         if not module.has_variable(LORA, name + TRAINABLE_SUFFIX):
             module.scope.variable(LORA, name + TRAINABLE_SUFFIX, lambda: jnp.bool_(True))

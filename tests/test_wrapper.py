@@ -184,3 +184,18 @@ def test_invoke_runs_other_methods_with_adapters():
     adapted = lora_model.apply(params, x, method=encode)
     assert_close(adapted, Encoder().apply(lj.merge(params), x, method=Encoder.encode), jnp.float32)
     assert not jnp.allclose(adapted, Encoder().apply(base, x, method=Encoder.encode))
+
+
+class Counted(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        count = self.variable("params", "step_count", lambda: jnp.int32(3))
+        return nn.Dense(4, name="value")(x) + count.value.astype(x.dtype)
+
+
+def test_trainable_extra_must_be_floating():
+    x = jnp.ones((2, 6))
+    base = Counted().init(jax.random.key(0), x)
+    cfg = lj.LoraConfig(rank=2, targets=("value",), trainable=("step_count",))
+    with pytest.raises(ValueError, match=r"LoraConfig.trainable selects 'step_count', a int32 parameter"):
+        lj.init(lj.LoRA(Counted(), cfg), jax.random.key(1), x, base_params=base)
