@@ -1,9 +1,7 @@
 """A compact Llama-style decoder in flax.linen: RMSNorm, RoPE, GQA attention, SwiGLU MLP.
 
-Plain Flax that knows nothing of LoRA. Module names follow Hugging Face Llama, so parameter
-paths read `layers_0/self_attn/q_proj/kernel`, `layers_0/mlp/down_proj/kernel`,
-`embed_tokens/embedding`, `norm/scale`, `lm_head/kernel`, and LoRA targets read like PEFT's.
-Kernels use the (in, out) layout of flax (HF Linear weights transposed).
+Plain Flax that knows nothing of LoRA. Module names follow Hugging Face Llama, so parameter paths
+read `layers_0/self_attn/q_proj/kernel` and LoRA targets read like PEFT's. Kernels are (in, out).
 """
 
 from __future__ import annotations
@@ -19,9 +17,28 @@ import optax
 Array = jax.Array
 
 
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LlamaConfig:
-    """Shapes and dtypes of the decoder. Presets: `tiny`, `small`, `llama_1b`, `llama3_8b`."""
+    """Shapes and dtypes of `Llama`, validated on construction.
+
+    The presets `tiny`, `small`, `llama_1b` and `llama3_8b` take keyword overrides, applied
+    before validation, so a derived `head_dim` follows an overridden `hidden_size` (whereas
+    `dataclasses.replace` on a config keeps its resolved `head_dim`).
+
+    Attributes:
+      vocab_size, hidden_size, intermediate_size, num_layers: vocabulary and layer sizes.
+      num_heads, num_kv_heads: query and key/value heads (GQA); num_kv_heads divides num_heads.
+      head_dim: width of one head; None means hidden_size // num_heads.
+      rope_theta, rms_norm_eps: the RoPE frequency base and the RMSNorm epsilon.
+      tie_embeddings: compute the logits with the embedding matrix (no `lm_head`).
+      max_seq_len: the longest sequence the model accepts.
+      dtype, param_dtype: the compute dtype and the parameters' storage dtype.
+    """
 
     vocab_size: int
     hidden_size: int
@@ -38,175 +55,147 @@ class LlamaConfig:
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_layers",
-            "num_heads",
-            "num_kv_heads",
-            "max_seq_len",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"LlamaConfig.{name} must be a positive int, got {value!r}.")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"LlamaConfig.num_kv_heads must divide num_heads ({self.num_heads}), "
-                f"got {self.num_kv_heads}."
-            )
+        number = lambda v, t: isinstance(v, t) and not isinstance(v, bool) and v > 0
+        sizes = ["vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                 "num_kv_heads", "max_seq_len"] + ["head_dim"] * (self.head_dim is not None)
+        for name in sizes:
+            v = getattr(self, name)
+            _check(number(v, int), f"LlamaConfig.{name} must be a positive int, got {v!r}.")
+        _check(self.num_heads % self.num_kv_heads == 0, "LlamaConfig.num_kv_heads must divide "
+               f"num_heads ({self.num_heads}), got {self.num_kv_heads}.")
         if self.head_dim is None:
-            if self.hidden_size % self.num_heads:
-                raise ValueError(
-                    f"LlamaConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads "
-                    f"({self.num_heads}) unless head_dim is given."
-                )
+            _check(self.hidden_size % self.num_heads == 0, "LlamaConfig.hidden_size "
+                   f"({self.hidden_size}) must be divisible by num_heads ({self.num_heads}) "
+                   "unless head_dim is given.")
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
-        if self.head_dim % 2:
-            raise ValueError(f"LlamaConfig.head_dim must be even for RoPE, got {self.head_dim}.")
+        _check(self.head_dim % 2 == 0, f"LlamaConfig.head_dim must be even, got {self.head_dim}.")
+        for name in ("rope_theta", "rms_norm_eps"):
+            v = getattr(self, name)
+            _check(number(v, (int, float)),
+                   f"LlamaConfig.{name} must be a positive number, got {v!r}.")
+        for name in ("dtype", "param_dtype"):
+            v = getattr(self, name)
+            try:
+                ok = v is not None and jnp.issubdtype(jnp.dtype(v), jnp.floating)
+            except TypeError:
+                ok = False
+            _check(ok, f"LlamaConfig.{name} must be a floating dtype, got {v!r}.")
+            object.__setattr__(self, name, jnp.dtype(v))
 
     @classmethod
-    def tiny(cls, **overrides) -> LlamaConfig:
-        """About 0.1M parameters: unit tests."""
-        base = dict(
-            vocab_size=256,
-            hidden_size=64,
-            intermediate_size=128,
-            num_layers=2,
-            num_heads=4,
-            num_kv_heads=2,
-            max_seq_len=128,
-        )
-        return cls(**{**base, **overrides})
+    def tiny(cls, **overrides: Any) -> LlamaConfig:
+        """About 0.13M parameters: unit tests."""
+        return cls(**{**dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+                             num_heads=4, num_kv_heads=2, max_seq_len=128), **overrides})
 
     @classmethod
-    def small(cls, **overrides) -> LlamaConfig:
-        """About 3.3M parameters at vocab 256: the CPU example."""
-        base = dict(
-            vocab_size=512,
-            hidden_size=256,
-            intermediate_size=704,
-            num_layers=4,
-            num_heads=8,
-            num_kv_heads=4,
-            max_seq_len=256,
-        )
-        return cls(**{**base, **overrides})
+    def small(cls, **overrides: Any) -> LlamaConfig:
+        """About 3.2M parameters (vocab 512): trains in minutes on a 2-core CPU."""
+        return cls(**{**dict(vocab_size=512, hidden_size=256, intermediate_size=704, num_layers=4,
+                             num_heads=8, num_kv_heads=4, max_seq_len=256), **overrides})
 
     @classmethod
-    def llama_1b(cls, **overrides) -> LlamaConfig:
-        """Llama-3.2-1B shapes (1.24B parameters), bfloat16."""
-        base = dict(
-            vocab_size=128256,
-            hidden_size=2048,
-            intermediate_size=8192,
-            num_layers=16,
-            num_heads=32,
-            num_kv_heads=8,
-            head_dim=64,
-            rope_theta=500000.0,
-            tie_embeddings=True,
-            max_seq_len=8192,
-            dtype=jnp.bfloat16,
-            param_dtype=jnp.bfloat16,
-        )
-        return cls(**{**base, **overrides})
+    def llama_1b(cls, **overrides: Any) -> LlamaConfig:
+        """Llama-3.2-1B shapes (1,235,814,400 parameters), bfloat16."""
+        return cls(**{**dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                             num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
+                             rope_theta=500000.0, tie_embeddings=True, max_seq_len=8192,
+                             dtype=jnp.bfloat16, param_dtype=jnp.bfloat16), **overrides})
 
     @classmethod
-    def llama3_8b(cls, **overrides) -> LlamaConfig:
-        """Llama-3-8B shapes (8.03B parameters), bfloat16."""
-        base = dict(
-            vocab_size=128256,
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_layers=32,
-            num_heads=32,
-            num_kv_heads=8,
-            rope_theta=500000.0,
-            max_seq_len=8192,
-            dtype=jnp.bfloat16,
-            param_dtype=jnp.bfloat16,
-        )
-        return cls(**{**base, **overrides})
+    def llama3_8b(cls, **overrides: Any) -> LlamaConfig:
+        """Llama-3-8B shapes (8,030,261,248 parameters), bfloat16."""
+        return cls(**{**dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                             num_layers=32, num_heads=32, num_kv_heads=8, rope_theta=500000.0,
+                             tie_embeddings=False, max_seq_len=8192, dtype=jnp.bfloat16,
+                             param_dtype=jnp.bfloat16), **overrides})
 
     def num_params(self) -> int:
-        """Exact parameter count."""
-        h, d = self.hidden_size, self.head_dim
-        attn = h * d * (2 * self.num_heads + 2 * self.num_kv_heads)
-        layer = attn + 3 * h * self.intermediate_size + 2 * h
+        """Returns the exact number of parameters of `Llama(self)`."""
+        h = self.hidden_size
+        attention = 2 * h * self.head_dim * (self.num_heads + self.num_kv_heads)
+        block = attention + 3 * h * self.intermediate_size + 2 * h
         head = 0 if self.tie_embeddings else h * self.vocab_size
-        return self.vocab_size * h + self.num_layers * layer + h + head
+        return self.vocab_size * h + self.num_layers * block + h + head
 
 
 class RMSNorm(nn.Module):
+    """Root-mean-square norm over the last axis with a learned `scale`, computed in float32."""
+
     eps: float = 1e-5
-    dtype: Any = jnp.float32
+    dtype: Any = jnp.float32  # of the output
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        """Normalizes x (..., features); returns the same shape in `dtype`."""
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        scale = scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
-        return (x32 * scale).astype(self.dtype)
+        x = x.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        return (x * jnp.broadcast_to(scale.astype(jnp.float32), x.shape)).astype(self.dtype)
 
 
 def rope(x: Array, positions: Array, theta: float) -> Array:
-    """Rotary embedding (rotate-half) of x (batch, seq, heads, head_dim) at integer positions."""
+    """Rotary position embedding in Hugging Face's rotate-half convention, in float32.
+
+    Args:
+      x: queries or keys, (batch, seq, heads, head_dim).
+      positions: integer positions, (batch, seq).
+      theta: the base of the frequencies.
+
+    Returns:
+      The rotated x, same shape and dtype.
+    """
     half = x.shape[-1] // 2
     freqs = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
-    angles = positions.astype(jnp.float32)[..., None] * freqs[None, None, :]  # (batch, seq, half)
-    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    angles = positions.astype(jnp.float32)[:, :, None, None] * freqs[None, None, None, :]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)  # (batch, seq, 1, half)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 def _dense(cfg: LlamaConfig, features: int, name: str) -> nn.Dense:
-    return nn.Dense(
-        features,
-        use_bias=False,
-        dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype,
-        kernel_init=nn.initializers.normal(0.02),
-        name=name,
-    )
+    return nn.Dense(features, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                    kernel_init=nn.initializers.normal(0.02), name=name)
 
 
 class LlamaAttention(nn.Module):
+    """Causal grouped-query self-attention with RoPE; softmax in float32."""
+
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, mask: Array) -> Array:
+    def __call__(self, x: Array, positions: Array, keep: Array | None) -> Array:
+        """Attends each token to itself and the earlier tokens that `keep` allows.
+
+        Args:
+          x: hidden states, (batch, seq, hidden_size).
+          positions: integer positions, (batch, seq).
+          keep: None, or booleans (batch, seq), False at padding (hidden as a key).
+
+        Returns:
+          (batch, seq, hidden_size) in `cfg.dtype`.
+        """
         cfg = self.cfg
         b, s, _ = x.shape
-        q = _dense(cfg, cfg.num_heads * cfg.head_dim, "q_proj")(x).reshape(
-            b, s, cfg.num_heads, cfg.head_dim
-        )
-        k = _dense(cfg, cfg.num_kv_heads * cfg.head_dim, "k_proj")(x).reshape(
-            b, s, cfg.num_kv_heads, cfg.head_dim
-        )
-        v = _dense(cfg, cfg.num_kv_heads * cfg.head_dim, "v_proj")(x).reshape(
-            b, s, cfg.num_kv_heads, cfg.head_dim
-        )
-        q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
-        groups = cfg.num_heads // cfg.num_kv_heads
-        q = q.reshape(b, s, cfg.num_kv_heads, groups, cfg.head_dim)
-        logits = jnp.einsum("bqkgd,btkd->bkgqt", q, k, preferred_element_type=jnp.float32)
-        logits = logits / jnp.sqrt(jnp.float32(cfg.head_dim))
-        logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(logits, axis=-1).astype(cfg.dtype)
-        out = jnp.einsum("bkgqt,btkd->bqkgd", weights, v).reshape(
-            b, s, cfg.num_heads * cfg.head_dim
-        )
-        return _dense(cfg, cfg.hidden_size, "o_proj")(out)
+        heads = lambda name, n: _dense(cfg, n * cfg.head_dim, name)(x).reshape(b, s, n, -1)
+        q = rope(heads("q_proj", cfg.num_heads), positions, cfg.rope_theta)
+        k = rope(heads("k_proj", cfg.num_kv_heads), positions, cfg.rope_theta)
+        v = heads("v_proj", cfg.num_kv_heads)
+        # Query head i reads K/V head i // (num_heads // num_kv_heads), as HF's repeat_kv does.
+        mask = None if keep is None else keep[:, None, None, :]  # (batch, 1, 1, keys)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+        return _dense(cfg, cfg.hidden_size, "o_proj")(out.reshape(b, s, -1))
 
 
 class LlamaMLP(nn.Module):
+    """SwiGLU feed-forward: down_proj(silu(gate_proj(x)) * up_proj(x))."""
+
     cfg: LlamaConfig
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        """Maps (batch, seq, hidden_size) to the same shape in `cfg.dtype`."""
         cfg = self.cfg
         gate = _dense(cfg, cfg.intermediate_size, "gate_proj")(x)
         up = _dense(cfg, cfg.intermediate_size, "up_proj")(x)
@@ -214,63 +203,87 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaBlock(nn.Module):
+    """Pre-norm decoder block: x + self_attn(norm(x)), then x + mlp(norm(x))."""
+
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, mask: Array) -> Array:
+    def __call__(self, x: Array, positions: Array, keep: Array | None) -> Array:
+        """Maps (batch, seq, hidden_size) to the same shape; arguments as `LlamaAttention`."""
         cfg = self.cfg
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)
-        x = x + LlamaAttention(cfg, name="self_attn")(norm("input_layernorm")(x), positions, mask)
+        h = norm("input_layernorm")(x)
+        x = x + LlamaAttention(cfg, name="self_attn")(h, positions, keep)
         return x + LlamaMLP(cfg, name="mlp")(norm("post_attention_layernorm")(x))
 
 
 class Llama(nn.Module):
-    """Llama-style causal decoder: token ids (batch, seq) -> logits (batch, seq, vocab), float32."""
+    """Llama-style causal decoder with Hugging Face Llama's module names.
+
+    Attributes:
+      cfg: the shapes and dtypes.
+    """
 
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(
-        self, input_ids: Array, positions: Array | None = None, attention_mask: Array | None = None
-    ) -> Array:
+    def __call__(self, input_ids: Array, positions: Array | None = None,
+                 attention_mask: Array | None = None) -> Array:
+        """Computes next-token logits.
+
+        Args:
+          input_ids: integer token ids, (batch, seq), seq at most `cfg.max_seq_len`.
+          positions: optional integer positions, (batch, seq) or (seq,); default 0 .. seq-1.
+            With left padding, give the first real token position 0.
+          attention_mask: optional (batch, seq), 1 at tokens and 0 at padding; padding is
+            hidden from every query, on top of the causal mask.
+
+        Returns:
+          Logits, (batch, seq, vocab_size), float32.
+        """
         cfg = self.cfg
+        _check(input_ids.ndim == 2 and input_ids.shape[1] <= cfg.max_seq_len, "Llama: input_ids "
+               f"must be (batch, seq) with seq <= max_seq_len ({cfg.max_seq_len}), got shape "
+               f"{input_ids.shape}.")
         b, s = input_ids.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(s), (b, s))
-        mask = jnp.tril(jnp.ones((s, s), bool))[None]
+        positions = jnp.arange(s) if positions is None else jnp.asarray(positions)
+        _check(positions.shape in ((s,), (b, s)),
+               f"Llama: positions must be ({s},) or ({b}, {s}), got shape {positions.shape}.")
+        keep = None
         if attention_mask is not None:
-            mask = mask & attention_mask.astype(bool)[:, None, :]
-        embed = nn.Embed(
-            cfg.vocab_size,
-            cfg.hidden_size,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            embedding_init=nn.initializers.normal(0.02),
-            name="embed_tokens",
-        )
-        x = embed(input_ids)
+            keep = jnp.asarray(attention_mask).astype(bool)
+            _check(keep.shape == (b, s),
+                   f"Llama: attention_mask must be ({b}, {s}), got shape {keep.shape}.")
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
+                         param_dtype=cfg.param_dtype, embedding_init=nn.initializers.normal(0.02),
+                         name="embed_tokens")
+        x, positions = embed(input_ids), jnp.broadcast_to(positions, (b, s))
         for i in range(cfg.num_layers):
-            x = LlamaBlock(cfg, name=f"layers_{i}")(x, positions, mask)
+            x = LlamaBlock(cfg, name=f"layers_{i}")(x, positions, keep)
         x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(x)
-        logits = (
-            embed.attend(x) if cfg.tie_embeddings else _dense(cfg, cfg.vocab_size, "lm_head")(x)
-        )
-        return logits.astype(jnp.float32)
+        if cfg.tie_embeddings:
+            return embed.attend(x).astype(jnp.float32)
+        return _dense(cfg, cfg.vocab_size, "lm_head")(x).astype(jnp.float32)
 
 
 def causal_lm_loss(logits: Array, targets: Array, mask: Array | None = None) -> Array:
-    """Mean next-token cross-entropy in float32 (logits and targets already aligned).
+    """Mean next-token cross-entropy, in float32.
 
     Args:
-      logits: (batch, seq, vocab).
-      targets: (batch, seq) token ids.
-      mask: optional (batch, seq) weights; masked-out positions do not count.
+      logits: (batch, seq, vocab), already aligned with `targets` (the caller shifts).
+      targets: integer token ids, (batch, seq).
+      mask: optional weights, (batch, seq); 0 drops a position. A mask of all zeros gives 0.
 
     Returns:
-      A scalar.
+      The weighted mean, a float32 scalar.
     """
+    mask_shape = None if mask is None else jnp.shape(mask)
+    _check(logits.shape[:-1] == targets.shape and mask_shape in (None, targets.shape),
+           "causal_lm_loss: expected logits (batch, seq, vocab), targets and mask (batch, seq); "
+           f"got {logits.shape}, {targets.shape} and {mask_shape}.")
     losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     if mask is None:
         return jnp.mean(losses)
     mask = mask.astype(jnp.float32)
-    return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    total = jnp.sum(mask)
+    return jnp.sum(losses * mask) / jnp.where(total == 0, 1.0, total)
