@@ -4,11 +4,21 @@ Adapters on unmodified Flax models, pure tree transforms (labels, partition, mer
 jit-compiled train step that differentiates only the adapters.
 """
 
-from lora_jax.config import LoraConfig
+from lora_jax.config import LoraConfig, QuantConfig
 from lora_jax.layers import ConvRule, EmbedRule, LinearRule, Rule, Split, register_rule
 from lora_jax.optim import optimizer
+from lora_jax.quant import QuantizedTensor, dequantize, quantize
 from lora_jax.train import TrainStep, make_train_step
-from lora_jax.tree import Summary, combine, labels, merge, partition, summary, trainable_paths
+from lora_jax.tree import (
+    RequantizeReport,
+    Summary,
+    combine,
+    labels,
+    merge,
+    partition,
+    summary,
+    trainable_paths,
+)
 from lora_jax.wrapper import LoRA, init
 
 __version__ = "0.1.0"
@@ -19,18 +29,23 @@ __all__ = [
     "LinearRule",
     "LoRA",
     "LoraConfig",
+    "QuantConfig",
+    "QuantizedTensor",
+    "RequantizeReport",
     "Rule",
     "Split",
     "Summary",
     "TrainStep",
     "__version__",
     "combine",
+    "dequantize",
     "init",
     "labels",
     "make_train_step",
     "merge",
     "optimizer",
     "partition",
+    "quantize",
     "register_rule",
     "summary",
     "trainable_paths",

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 INITS = ("kaiming", "gaussian")
+QUANT_FORMATS = ("nf4", "fp4", "int4")
+QUANT_KERNELS = ("auto", "xla", "pallas")
 
 # How the tree spells LoRA leaves: "params/<module>/<param>_lora_a" and "_lora_b" beside the
 # adapted parameter; "lora/<module>/<param>_lora_scale" and "lora/<module>/<param>_trainable"
@@ -31,15 +33,18 @@ A_SUFFIX, B_SUFFIX, SCALE_SUFFIX, TRAINABLE_SUFFIX = (
 Pattern = tuple[tuple[str, Any], ...]
 
 
+def _qualified(field: str) -> str:
+    return field if "." in field else f"LoraConfig.{field}"
+
+
 def _compile(field: str, pattern: str) -> re.Pattern:
+    field = _qualified(field)
     if not isinstance(pattern, str):
-        raise TypeError(f"LoraConfig.{field} entries must be str, got {pattern!r}.")
+        raise TypeError(f"{field} entries must be str, got {pattern!r}.")
     try:
         return re.compile(pattern)
     except re.error as e:
-        raise ValueError(
-            f"LoraConfig.{field} has an invalid regular expression {pattern!r}: {e}."
-        ) from None
+        raise ValueError(f"{field} has an invalid regular expression {pattern!r}: {e}.") from None
 
 
 def _as_names(field: str, value: Any) -> str | tuple[str, ...]:
@@ -49,7 +54,7 @@ def _as_names(field: str, value: Any) -> str | tuple[str, ...]:
         return value
     if not isinstance(value, Sequence) or not all(isinstance(v, str) and v for v in value):
         raise TypeError(
-            f"LoraConfig.{field} must be a regex string or a sequence of non-empty module names, "
+            f"{_qualified(field)} must be a regex string or a sequence of non-empty module names, "
             f"got {value!r}."
         )
     return tuple(value)
@@ -103,6 +108,69 @@ def matches_pattern(pattern: str, path: str) -> bool:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantConfig:
+    """How the frozen base kernels are stored in 4 bits (QLoRA), set as `LoraConfig.quantize`.
+
+    Attributes:
+      fmt: the 16-value code: "nf4" (QLoRA's NormalFloat), "fp4" (E2M1 floats) or "int4"
+        (symmetric integers -7..7).
+      block_size: weights per absmax scale, consecutive along the contraction axes; a power
+        of two, at least 2. An axis whose length is not a multiple is zero-padded (stored
+        padded; dequantization drops the padding).
+      double_quant: quantize the absmax scales again (8 bits, blocks of 256, mean
+        subtracted), as QLoRA does: about 4.127 bits per weight instead of 4.5 at block 64.
+      compute_dtype: the dtype kernels are dequantized to: what a quantized kernel acts as
+        in the forward pass, and the dtype of `merge`'s dense kernels.
+      targets: which layers to quantize, spelled like `LoraConfig.targets`; None quantizes
+        the kernels of the adapted layers.
+      exclude: layers removed from `targets`, spelled like `LoraConfig.targets`.
+      kernel: the dequantizing matmul: "auto" (the fused Pallas kernel on GPU when the
+        shapes suit it, else XLA), "xla" (dequantize, then dot) or "pallas" (always the
+        Pallas kernel; on a backend other than GPU it runs in interpret mode, for tests).
+    """
+
+    fmt: str = "nf4"
+    block_size: int = 64
+    double_quant: bool = True
+    compute_dtype: Any = jnp.bfloat16
+    targets: str | tuple[str, ...] | None = None
+    exclude: str | tuple[str, ...] = ()
+    kernel: str = "auto"
+
+    def __post_init__(self):
+        if self.fmt not in QUANT_FORMATS:
+            raise ValueError(f"QuantConfig.fmt must be one of {QUANT_FORMATS}, got {self.fmt!r}.")
+        b = self.block_size
+        if isinstance(b, bool) or not isinstance(b, int) or b < 2 or b & (b - 1):
+            raise ValueError(
+                f"QuantConfig.block_size must be a power of two >= 2, got {self.block_size!r}."
+            )
+        if not isinstance(self.double_quant, bool):
+            raise TypeError(f"QuantConfig.double_quant must be a bool, got {self.double_quant!r}.")
+        try:
+            dtype = jnp.dtype(self.compute_dtype)
+        except TypeError:
+            dtype = None
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(
+                f"QuantConfig.compute_dtype must be a floating dtype, got {self.compute_dtype!r}."
+            )
+        object.__setattr__(self, "compute_dtype", dtype)
+        if self.targets is not None:
+            object.__setattr__(self, "targets", _as_names("QuantConfig.targets", self.targets))
+        object.__setattr__(self, "exclude", _as_names("QuantConfig.exclude", self.exclude))
+        if self.kernel not in QUANT_KERNELS:
+            raise ValueError(
+                f"QuantConfig.kernel must be one of {QUANT_KERNELS}, got {self.kernel!r}."
+            )
+
+    def is_target(self, path: str, adapted: bool) -> bool:
+        """Whether the layer at `path` (adapted by LoRA or not) gets a quantized kernel."""
+        hit = adapted if self.targets is None else matches_names(self.targets, path)
+        return hit and not (self.exclude and matches_names(self.exclude, path))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class LoraConfig:
     """What to adapt and how.
 
@@ -123,6 +191,7 @@ class LoraConfig:
       trainable: regexes of extra base parameter paths to train in full, e.g.
         ``("lm_head/kernel",)`` or ``("norm/scale", ".*_layernorm/scale")`` (PEFT's
         modules_to_save), matched like `rank_pattern` keys against parameter paths.
+      quantize: a `QuantConfig` to keep the frozen base kernels in 4 bits (QLoRA), or None.
     """
 
     rank: int = 8
@@ -136,6 +205,7 @@ class LoraConfig:
     init: str = "kaiming"
     param_dtype: Any = jnp.float32
     trainable: tuple[str, ...] = ()
+    quantize: QuantConfig | None = None
 
     def __post_init__(self):
         _check_rank("rank", self.rank)
@@ -170,6 +240,10 @@ class LoraConfig:
         for pattern in trainable:
             _compile("trainable", pattern)
         set_("trainable", trainable)
+        if self.quantize is not None and not isinstance(self.quantize, QuantConfig):
+            raise TypeError(
+                f"LoraConfig.quantize must be a lora_jax.QuantConfig or None, got {self.quantize!r}."
+            )
 
     def is_target(self, path: str) -> bool:
         """Whether the module at `path` gets an adapter."""

@@ -60,6 +60,7 @@ class Rule:
 
     param: str = "kernel"
     methods: tuple[str, ...] = ("__call__",)
+    quantizable = False  # whether `quantized_forward` is implemented
 
     def split(self, module: nn.Module, shape: Shape, args: tuple, kwargs: dict) -> Split:
         """Splits the parameter's axes into (batch, input, output)."""
@@ -81,6 +82,18 @@ class Rule:
         floating input before it meets A.
         """
         raise NotImplementedError
+
+    def quantized_forward(self, module, method, args, kwargs, qt, kernel: str) -> Array:
+        """The method's output when the parameter is a 4-bit `QuantizedTensor` (QLoRA).
+
+        Only linear rules compute through the dequantizing matmul; other kinds refuse.
+        """
+        raise ValueError(
+            f"Module '{module_path(module)}' ({type(module).__name__}) has a quantized "
+            f"'{self.param}', but 4-bit parameters are supported only for linear layers "
+            "(Dense, DenseGeneral, Einsum and LinearRule layers). Leave it out of "
+            "QuantConfig.targets."
+        )
 
     def init(self, which: str, init: str, key: Array, shape: Shape, dtype: Any, fan_in: int):
         """Initial value of A (`which` == "a") or B; B starts at zero so ΔW starts at zero."""
@@ -105,6 +118,7 @@ class LinearRule(Rule):
     spec: Callable[[nn.Module, Array, dict], EinsumSpec]
     param: str = "kernel"
     methods: tuple[str, ...] = ("__call__",)
+    quantizable = True
 
     def split(self, module, shape, args, kwargs):
         x_spec, p_spec, y_spec = self.spec(module, args[0], kwargs)
@@ -131,6 +145,67 @@ class LinearRule(Rule):
         h_spec = "".join(c for c in y_spec if c not in p_spec[cut:]) + r
         h = jnp.einsum(f"{x_spec},{a_spec}->{h_spec}", dropout(x.astype(a.dtype)), a)
         return jnp.einsum(f"{h_spec},{b_spec}->{y_spec}", h, b)
+
+    def quantized_forward(self, module, method, args, kwargs, qt, kernel):
+        """``einsum(x, dequantize(qt)) + bias`` through `lora_jax.quant.qmatmul`.
+
+        The input is laid out as (batch..., rows, K) to meet the (K, N) matrices of `qt`
+        (one per batch index, vmapped); the bias is added as the layer adds it: its axes are
+        the output axes that the parameter has.
+        """
+        from lora_jax import quant  # quant is a leaf module; imported late to keep layers light
+
+        x = args[0]
+        x_spec, p_spec, y_spec = _expand(self.spec(module, x, kwargs), x.ndim)
+        split = self.split(module, qt.shape, args, kwargs)
+        path = module_path(module)
+        if (split.n_batch, split.n_batch + split.n_in) != (
+            len(qt.lead_shape),
+            qt.ndim - len(qt.out_shape),
+        ):
+            raise ValueError(
+                f"'{path}/{self.param}' was quantized with {len(qt.lead_shape)} leading and "
+                f"{len(qt.in_shape)} contraction axes, but the layer has {split.n_batch} batch "
+                f"and {split.n_in} contraction axes: quantize it through lora_jax.init(..., "
+                "base_params=...), which reads each layer's axes, or pass `paths` to quantize."
+            )
+        cut = split.n_batch + split.n_in
+        batch, ins, outs = p_spec[: split.n_batch], p_spec[split.n_batch : cut], p_spec[cut:]
+        free = "".join(c for c in x_spec if c not in p_spec)
+        bias = _bias(module)
+        dtype = module.dtype or jnp.result_type(x, qt.dtype, *([bias] if bias is not None else []))
+        xt = _transpose(x.astype(dtype), x_spec, batch + free + ins)
+        lead, free_shape = xt.shape[: len(batch)], xt.shape[len(batch) : len(batch) + len(free)]
+        xt = xt.reshape(lead + (math.prod(free_shape), qt.k))
+        matmul = lambda x, q: quant.qmatmul(x, q, kernel)
+        for _ in batch:
+            matmul = jax.vmap(matmul)
+        y = matmul(xt, qt).reshape(lead + free_shape + qt.out_shape)
+        y = _transpose(y, batch + free + outs, y_spec)
+        if bias is not None:
+            shape = [d if c in p_spec else 1 for c, d in zip(y_spec, y.shape, strict=True)]
+            y = y + bias.astype(dtype).reshape(shape)
+        return y
+
+
+def _expand(specs: EinsumSpec, x_ndim: int) -> EinsumSpec:
+    """Replaces the ellipsis of (input, parameter, output) subscripts by unused letters."""
+    x_spec = specs[0]
+    if "..." not in x_spec:
+        return specs
+    unused = [c for c in string.ascii_letters if c not in "".join(specs)]
+    fill = "".join(unused[: x_ndim - (len(x_spec) - 3)])
+    return tuple(s.replace("...", fill) for s in specs)
+
+
+def _transpose(x: Array, spec: str, to: str) -> Array:
+    return jnp.transpose(x, [spec.index(c) for c in to])
+
+
+def _bias(module: nn.Module) -> Array | None:
+    if getattr(module, "use_bias", False) and module.has_variable("params", "bias"):
+        return nn.meta.unbox(module.get_variable("params", "bias"))
+    return None
 
 
 def _dense_spec(module, x, kwargs) -> EinsumSpec:

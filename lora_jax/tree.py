@@ -19,6 +19,7 @@ import numpy as np
 from flax import traverse_util
 from flax.core import meta
 
+from lora_jax import quant
 from lora_jax.config import A_SUFFIX, B_SUFFIX, LORA, SCALE_SUFFIX, TRAINABLE_SUFFIX
 
 TRAINABLE, FROZEN = "trainable", "frozen"
@@ -111,19 +112,37 @@ def delta_weight(a: Array, b: Array, param_ndim: int) -> Array:
     return jnp.einsum(f"{batch}{ins}{r},{batch}{r}{outs}->{batch}{ins}{outs}", a, b)
 
 
-def merge(params: Tree) -> dict:
+def merge(params: Tree, *, requantize: bool = False):
     """Folds every adapter into its parameter: ``W + scale * A @ B``, in float32.
 
     The result is the tree of the original model: adapter leaves and the "lora" collection
     are removed, every merged parameter keeps its dtype (and its sharding metadata box).
-    A tree without adapters is returned unchanged. Pure; works under `jax.jit`.
+    A tree without adapters or quantized kernels is returned unchanged. Pure; works under
+    `jax.jit`.
+
+    4-bit kernels (QLoRA): by default every `QuantizedTensor` becomes a dense kernel in its
+    compute dtype, ``dequantize(W) + scale * A @ B`` for adapted ones, so the result runs on
+    the unmodified model exactly as the adapted model computed. With `requantize=True` the
+    adapted kernels are quantized again (same format and blocks) and the others stay
+    quantized. Requantizing rounds the sum to the 4-bit grid, and an adapter's delta is
+    usually smaller than a grid step, so much of it can be lost: the returned report
+    measures, per kernel, ``|Q(W + ΔW) - (W + ΔW)| / |ΔW|`` (Frobenius norms), the error
+    relative to the adapter's own contribution (1.0 means as wrong as dropping the adapter).
+
+    Args:
+      params: the variables dict that `lora_jax.init` returns (or a trained one).
+      requantize: keep adapted 4-bit kernels in 4 bits.
+
+    Returns:
+      The merged tree; with `requantize=True`, a tuple (merged tree, `RequantizeReport`).
 
     Raises:
       ValueError: an adapter's shapes do not fit its parameter, or its scale is missing.
     """
     flat = _flat(params)
-    if not any(is_adapter(k) for k in flat) and not any(k.startswith(LORA + "/") for k in flat):
-        return params
+    quantized = {k for k, v in flat.items() if quant.is_quantized(meta.unbox(v))}
+    if not (quantized or any(is_adapter(k) or k.startswith(LORA + "/") for k in flat)):
+        return (params, RequantizeReport({})) if requantize else params
     orphans = sorted(
         k
         for k in flat
@@ -136,13 +155,25 @@ def merge(params: Tree) -> dict:
             f"Adapter '{orphans[0]}' has no '{orphans[0][: -len(B_SUFFIX)] + A_SUFFIX}' to merge with."
         )
     out = {k: v for k, v in flat.items() if not is_adapter(k) and not k.startswith(LORA + "/")}
+    errors = {}
     for a_path in (k for k in flat if k.startswith("params/") and k.endswith(A_SUFFIX)):
         w_path = a_path[: -len(A_SUFFIX)]
-        out[w_path] = _merged(flat, w_path)
-    return _unflat(out)
+        out[w_path], error = _merged(flat, w_path, requantize)
+        if error is not None:
+            errors[w_path] = error
+    if not requantize:
+        for k in quantized:
+            if quant.is_quantized(meta.unbox(out[k])):
+                out[k] = _reboxed(out[k], quant.dequantize(meta.unbox(out[k])))
+        return _unflat(out)
+    return _unflat(out), RequantizeReport(errors)
 
 
-def _merged(flat: Mapping[str, Any], w_path: str):
+def _reboxed(boxed, value):
+    return meta.replace_boxed(boxed, value) if isinstance(boxed, meta.AxisMetadata) else value
+
+
+def _merged(flat: Mapping[str, Any], w_path: str, requantize: bool):
     scale_path = LORA + w_path[len("params") :] + SCALE_SUFFIX
     for path in (w_path, w_path + B_SUFFIX, scale_path):
         if path not in flat:
@@ -152,8 +183,37 @@ def _merged(flat: Mapping[str, Any], w_path: str):
     _check_adapter(w_path, w.shape, a.shape, b.shape)
     f32 = jnp.float32
     delta = delta_weight(a.astype(f32), b.astype(f32), w.ndim)
-    merged = (w.astype(f32) + meta.unbox(flat[scale_path]).astype(f32) * delta).astype(w.dtype)
-    return meta.replace_boxed(boxed, merged) if isinstance(boxed, meta.AxisMetadata) else merged
+    delta = meta.unbox(flat[scale_path]).astype(f32) * delta
+    if not quant.is_quantized(w):
+        return _reboxed(boxed, (w.astype(f32) + delta).astype(w.dtype)), None
+    merged = quant.dequantize(w, f32) + delta
+    if not requantize:
+        return _reboxed(boxed, merged.astype(w.dtype)), None
+    again = quant.requantize_like(merged, w)
+    error = jnp.linalg.norm(quant.dequantize(again, f32) - merged) / jnp.linalg.norm(delta)
+    return _reboxed(boxed, again), error
+
+
+@dataclasses.dataclass(frozen=True)
+class RequantizeReport:
+    """What `merge(params, requantize=True)` lost, per adapted 4-bit kernel.
+
+    Attributes:
+      errors: parameter path -> ``|Q(W + ΔW) - (W + ΔW)| / |ΔW|`` (Frobenius norms): the
+        requantization error relative to the adapter's contribution. 0 keeps the adapter
+        exactly; 1.0 is as wrong as dropping it. (NaN for an adapter whose ΔW is zero.)
+    """
+
+    errors: Mapping[str, Array]
+
+    @property
+    def worst(self) -> float:
+        """The largest relative error (0.0 when nothing was requantized)."""
+        return max((float(e) for e in self.errors.values()), default=0.0)
+
+    def __str__(self) -> str:
+        lines = [f"  {k}: {float(v):.3f}" for k, v in sorted(self.errors.items())]
+        return "requantization error relative to each adapter's delta:\n" + "\n".join(lines)
 
 
 def _check_adapter(path: str, w: tuple, a: tuple, b: tuple) -> None:
@@ -206,7 +266,8 @@ def summary(params: Tree) -> Summary:
         v = meta.unbox(v)
         size = int(np.prod(jnp.shape(v)))
         counts[k in trainable][0] += size
-        counts[k in trainable][1] += size * jnp.dtype(v.dtype).itemsize
+        nbytes = v.nbytes if quant.is_quantized(v) else size * jnp.dtype(v.dtype).itemsize
+        counts[k in trainable][1] += nbytes
     (tp, tb), (fp, fb) = counts[True], counts[False]
     return Summary(
         trainable_params=tp, total_params=tp + fp, trainable_bytes=tb, total_bytes=tb + fb

@@ -10,6 +10,8 @@ marker (`<param>_trainable`) for each base parameter that `config.trainable` sel
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from collections.abc import Mapping
 
@@ -19,6 +21,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 from flax.core import meta
 
+from lora_jax import quant
 from lora_jax.config import (
     A_SUFFIX,
     B_SUFFIX,
@@ -26,11 +29,15 @@ from lora_jax.config import (
     SCALE_SUFFIX,
     TRAINABLE_SUFFIX,
     LoraConfig,
+    QuantConfig,
     matches_pattern,
 )
 from lora_jax.layers import Rule, module_path, rule_for
 
 _MAX_LISTED = 10
+# Set by `init` while it traces the model: parameter path -> (leading axes, contraction axes)
+# of every kernel that `LoraConfig.quantize` selects.
+_QUANTIZED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("quantized", default=None)
 
 
 @dataclasses.dataclass
@@ -40,6 +47,7 @@ class _Trace:
     adaptable: set[str] = dataclasses.field(default_factory=set)
     targeted: set[str] = dataclasses.field(default_factory=set)
     extras: set[str] = dataclasses.field(default_factory=set)
+    quantized: set[str] = dataclasses.field(default_factory=set)
     busy: bool = False  # computing a delta: do not intercept the rule's own module calls
 
 
@@ -79,36 +87,125 @@ def _intercept(wrapper: LoRA, trace: _Trace, next_fun, args, kwargs, context):
     module = context.module
     if trace.busy or module.scope is None or module.scope.root is not wrapper.scope.root:
         return next_fun(*args, **kwargs)
-    out = next_fun(*args, **kwargs)
     path = module_path(module)
-    if wrapper.is_mutable_collection("params"):
-        _mark_extras(wrapper.config, module, path, trace)
     rule = rule_for(type(module))
-    if rule is None or context.method_name not in rule.methods:
+    method = context.method_name
+    creating = wrapper.is_mutable_collection("params")
+    qt = _quantized_param(wrapper.config, module, rule, path, creating)
+    if qt is None:
+        out = next_fun(*args, **kwargs)
+    else:
+        trace.busy = True
+        try:
+            kernel = wrapper.config.quantize.kernel
+            out = rule.quantized_forward(module, method, args, kwargs, qt, kernel)
+        finally:
+            trace.busy = False
+    if creating:
+        _mark_extras(wrapper.config, module, path, trace)
+    if rule is None or method not in rule.methods:
         return out
     trace.adaptable.add(path)
+    if creating:
+        _record_quantized(wrapper.config, rule, module, path, args, kwargs, trace)
     if not wrapper.config.is_target(path):
         return out
     trace.targeted.add(path)
     trace.busy = True
     try:
-        return _add_delta(
-            wrapper.config, rule, module, path, context.method_name, args, kwargs, out
-        )
+        return _add_delta(wrapper.config, rule, module, path, method, args, kwargs, out)
     finally:
         trace.busy = False
+
+
+def _quantized_param(cfg: LoraConfig, module, rule: Rule | None, path: str, creating: bool):
+    """The module's 4-bit parameter if it has one (checked against `cfg.quantize`), else None."""
+    params = module.variables.get("params", {})
+    found = [
+        n
+        for n, v in params.items()
+        if not isinstance(v, Mapping) and isinstance(meta.unbox(v), quant.QuantizedTensor)
+    ]
+    qcfg = cfg.quantize
+    if not found:
+        if qcfg is not None and not creating and _quantizable(cfg, rule, path) and rule.param in params:
+            raise ValueError(
+                f"'{path}/{rule.param}' is a dense array but LoraConfig.quantize targets it: "
+                "build the params with lora_jax.init(..., base_params=...), which quantizes "
+                "the targeted kernels, or narrow QuantConfig.targets."
+            )
+        return None
+    name = found[0]
+    if rule is None or name != rule.param or len(found) > 1:
+        raise ValueError(
+            f"'{path}/{name}' is quantized, but {type(module).__name__} has no LoRA rule that "
+            "computes with a quantized parameter of that name (linear layers' 'kernel' only)."
+        )
+    qt = meta.unbox(params[name])
+    if qcfg is None:
+        raise ValueError(
+            f"'{path}/{name}' is quantized ({qt!r}) but LoraConfig.quantize is None: set "
+            f"LoraConfig(quantize=QuantConfig(fmt={qt.fmt!r}, block_size={qt.block_size}, "
+            f"double_quant={qt.double_quant})), or dequantize the tree (lora_jax.dequantize)."
+        )
+    _check_quantized(f"{path}/{name}", qt, qcfg)
+    return qt
+
+
+def _quantizable(cfg: LoraConfig, rule: Rule | None, path: str) -> bool:
+    return (
+        rule is not None
+        and rule.quantizable
+        and cfg.quantize.is_target(path, adapted=cfg.is_target(path))
+    )
+
+
+def _check_quantized(path: str, qt: quant.QuantizedTensor, qcfg: QuantConfig) -> None:
+    found = (qt.fmt, qt.block_size, qt.double_quant, jnp.dtype(qt.dtype))
+    expected = (qcfg.fmt, qcfg.block_size, qcfg.double_quant, qcfg.compute_dtype)
+    if found != expected:
+        names = ("fmt", "block_size", "double_quant", "compute_dtype")
+        diff = ", ".join(
+            f"{n}={f!r} (QuantConfig says {e!r})"
+            for n, f, e in zip(names, found, expected, strict=True)
+            if f != e
+        )
+        raise ValueError(f"'{path}' was quantized with {diff}: make the QuantConfig match.")
+
+
+def _record_quantized(cfg: LoraConfig, rule: Rule, module, path, args, kwargs, trace) -> None:
+    """At init: notes which kernels `cfg.quantize` selects and how their axes split."""
+    if cfg.quantize is None or not _quantizable(cfg, rule, path):
+        return
+    shape = jnp.shape(meta.unbox(module.get_variable("params", rule.param)))
+    split = rule.split(module, shape, args, kwargs)
+    trace.quantized.add(path)
+    recorder = _QUANTIZED.get()
+    if recorder is not None:
+        recorder[f"params/{path}/{rule.param}"] = (split.n_batch, split.n_in)
 
 
 def _add_delta(cfg: LoraConfig, rule: Rule, module, path, method, args, kwargs, out):
     if not module.has_variable("params", rule.param):
         raise ValueError(f"Module '{path}' has no parameter '{rule.param}' for its LoRA rule.")
-    shape = jnp.shape(meta.unbox(module.get_variable("params", rule.param)))
+    kernel = module.get_variable("params", rule.param)
+    shape = jnp.shape(meta.unbox(kernel))
     split = rule.split(module, shape, args, kwargs)
     rank = cfg.rank_for(path)
     a_shape, b_shape = split.adapter_shapes(shape, rank)
-    init = lambda which: (
-        lambda key, s, d: rule.init(which, cfg.init, key, s, d, split.fan_in(shape))
-    )
+    # A kernel boxed with sharding names (nn.Partitioned / nn.LogicallyPartitioned) boxes its
+    # adapters alike: A (batch..., in..., rank) keeps the kernel's batch and input names, B
+    # (batch..., rank, out...) its batch and output names; the rank axis is replicated (None).
+    names = getattr(kernel, "names", None) if isinstance(kernel, meta.Partitioned) else None
+    if names is not None:
+        names = tuple(names) + (None,) * (len(shape) - len(names))
+        cut = split.n_batch + split.n_in
+        names = {"a": names[:cut] + (None,), "b": names[: split.n_batch] + (None,) + names[cut:]}
+
+    def init(which):
+        fn = lambda key, s, d: rule.init(which, cfg.init, key, s, d, split.fan_in(shape))
+        return fn if names is None else lambda *a: kernel.replace(value=fn(*a), names=names[which])
+
     a = _leaf(
         module,
         "params",
@@ -212,6 +309,11 @@ def _check_trace(cfg: LoraConfig, trace: _Trace) -> None:
             f"Adaptable module paths: {listed if listed else 'none: the model has no layer with a LoRA rule'}."
         )
     cfg.check_patterns(sorted(trace.targeted))
+    if cfg.quantize is not None and cfg.quantize.targets is not None and not trace.quantized:
+        raise ValueError(
+            f"QuantConfig.targets={cfg.quantize.targets!r} (exclude={cfg.quantize.exclude!r}) "
+            f"matches no linear layer. Adaptable module paths: {sorted(trace.adaptable)}."
+        )
     for pattern in cfg.trainable:
         if not any(matches_pattern(pattern, p) for p in trace.extras):
             raise ValueError(
@@ -246,11 +348,16 @@ def init(lora_model: LoRA, rng, *args, base_params: Mapping | None = None, **kwa
     if not isinstance(lora_model, LoRA):
         raise TypeError(f"init needs a lora_jax.LoRA module, got {type(lora_model).__name__}.")
     rngs = dict(rng) if isinstance(rng, Mapping) else {"params": rng}
+    qcfg = lora_model.config.quantize
     if base_params is None:
-        return lora_model.init(rngs, *args, **kwargs)
-    abstract = jax.eval_shape(lambda r, *a: lora_model.init(r, *a, **kwargs), rngs, *args)
+        with _recording() as targets:
+            variables = lora_model.init(rngs, *args, **kwargs)
+        return _quantize_base(variables, targets, qcfg)
+    with _recording() as targets:
+        abstract = jax.eval_shape(lambda r, *a: lora_model.init(r, *a, **kwargs), rngs, *args)
     base = _as_variables(base_params, abstract)
     _check_fits(base, abstract)
+    base = _quantize_base(base, targets, qcfg)
 
     @jax.jit
     def new_leaves(base, rngs, *args):
@@ -265,6 +372,55 @@ def init(lora_model: LoRA, rng, *args, base_params: Mapping | None = None, **kwa
         param = "params/" + marker[len(LORA) + 1 : -len(TRAINABLE_SUFFIX)]
         flat[param] = jax.tree.map(jnp.copy, flat[param])
     return traverse_util.unflatten_dict(flat, sep="/")
+
+
+@contextlib.contextmanager
+def _recording():
+    targets: dict = {}
+    token = _QUANTIZED.set(targets)
+    try:
+        yield targets
+    finally:
+        _QUANTIZED.reset(token)
+
+
+def _quantize_base(variables: Mapping, targets: Mapping, qcfg: QuantConfig | None) -> dict:
+    """Quantizes the kernels that `qcfg` selects, one at a time; checks quantized leaves."""
+    flat = traverse_util.flatten_dict(variables, sep="/")
+    quantized = sorted(k for k, v in flat.items() if quant.is_quantized(meta.unbox(v)))
+    if qcfg is None:
+        if quantized:
+            raise ValueError(
+                f"base_params hold quantized kernels ({_listed(quantized)}) but "
+                "LoraConfig.quantize is None: set it to a QuantConfig that matches them, or "
+                "dequantize them first (lora_jax.dequantize)."
+            )
+        return dict(variables)
+    stray = [k for k in quantized if k not in targets]
+    if stray:
+        raise ValueError(
+            f"base_params hold quantized kernels that QuantConfig.targets does not select: "
+            f"{_listed(stray)}. Selected: {_listed(sorted(targets))}."
+        )
+    for path, (n_lead, n_in) in targets.items():
+        value = meta.unbox(flat[path])
+        if quant.is_quantized(value):
+            _check_quantized(path, value, qcfg)
+            if (len(value.lead_shape), len(value.in_shape)) != (n_lead, n_in):
+                raise ValueError(
+                    f"'{path}' was quantized with {len(value.lead_shape)} leading and "
+                    f"{len(value.in_shape)} contraction axes, but its layer has {n_lead} batch "
+                    f"and {n_in} contraction axes: quantize it from the dense kernel here "
+                    "(pass the dense base_params)."
+                )
+            continue
+        flat[path] = quant.quantize_array(value, qcfg, n_lead=n_lead, n_in=n_in, path=path)
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _listed(paths: list[str]) -> str:
+    more = len(paths) - _MAX_LISTED
+    return ", ".join(f"'{p}'" for p in paths[:_MAX_LISTED]) + (f" and {more} more" if more > 0 else "")
 
 
 def _is_new(path: str) -> bool:
