@@ -145,8 +145,17 @@ def _encode(normed: Array, table: tuple[float, ...]) -> Array:
     return jnp.asarray(order, jnp.uint8)[rank]
 
 
-def _decode(codes: Array, table: tuple[float, ...]) -> Array:
-    return jnp.asarray(table, jnp.float32)[codes.astype(jnp.int32)]
+def _decode(codes: Array, table: tuple[float, ...] | Array) -> Array:
+    """Values of uint8 codes in [0, 16), by a tree of 15 selects over the four bits.
+
+    Elementwise, so XLA fuses it with the scaling into one loop (a gather would write the
+    looked-up values to memory first).
+    """
+    level = [table[i] for i in range(16)]
+    for bit in range(4):
+        on = (codes & (1 << bit)) != 0
+        level = [jnp.where(on, hi, lo) for lo, hi in zip(level[0::2], level[1::2], strict=True)]
+    return level[0].astype(jnp.float32)
 
 
 def _check_shape(shape: tuple[int, ...], n_lead: int, n_in: int, block: int, path: str):
@@ -265,9 +274,10 @@ def unpack(codes: Array, block_size: int) -> Array:
     return both.reshape((*lead, rows * 2, n))
 
 
-def dequantize_matrix(qt: QuantizedTensor, dtype: Any = None) -> Array:
+def dequantize_matrix(qt: QuantizedTensor, dtype: Any = None, *, table=None) -> Array:
     """The dense (lead..., K, N) matrices, in `dtype` (default `qt.dtype`)."""
-    values = _decode(unpack(qt.codes, qt.block_size), TABLES[qt.fmt])
+    table = TABLES[qt.fmt] if table is None else table
+    values = _decode(unpack(qt.codes, qt.block_size), table)
     lead = qt.lead_shape
     values = values.reshape(lead + (-1, qt.block_size, qt.n))
     w = values * block_scales(qt)[..., None, :]
@@ -388,12 +398,28 @@ def _qmatmul_bwd(kernel, qt, g):
 _qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
 
 
+def _dequantize_after(x: Array, qt: QuantizedTensor) -> Array:
+    """Dequantizes `qt` in a way that depends on `x` (numerically it does not).
+
+    Without a data dependence, XLA computes every layer's table lookup once, at the start of
+    the step, and shares it between the forward and the backward pass (common-subexpression
+    elimination): all dense kernels stay alive at once, which is what the custom VJP exists
+    to avoid. An optimization barrier does not stop this on CPU (the barrier is expanded
+    before CSE). So a zero derived from one element of `x` is added to the code table: a
+    value XLA cannot fold, NaN- and inf-safe, and one scalar of work.
+    """
+    v = x.reshape(-1)[0].astype(jnp.float32)
+    zero = jnp.where(jnp.isnan(v), 0.0, jnp.minimum(jnp.abs(v), 0.0))
+    table = jnp.asarray(TABLES[qt.fmt], jnp.float32) + zero
+    return dequantize_matrix(qt, x.dtype, table=table)
+
+
 def _matmul(kernel: str, x: Array, qt: QuantizedTensor, *, transpose: bool) -> Array:
     """x (M, K) @ W (K, N), or with `transpose` x (M, N) @ W.T, in x's dtype."""
     from lora_jax.kernels import dequant_matmul  # kernels import quant's tables
 
     if dequant_matmul.use_pallas(kernel, x, qt, transpose=transpose):
         return dequant_matmul.pallas_matmul(x, qt, transpose=transpose)
-    w = dequantize_matrix(qt, x.dtype)
+    w = _dequantize_after(x, qt)
     dims = (((1,), (1 if transpose else 0,)), ((), ()))
     return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32).astype(x.dtype)
