@@ -1,0 +1,124 @@
+"""The 4-bit matmul alone: fused Pallas kernel vs dequantize-then-dot vs a bf16 dot.
+
+For M in {1, 16, 128, 4096} (tokens) and a K x N kernel (default 4096 x 4096, NF4, block 64,
+double quantization), times in bfloat16:
+  bf16        x @ W with W dense in bfloat16 (the floor: what LoRA's base matmul costs)
+  xla         dequantize(W) then x @ W (lora_jax's fallback path, QuantConfig(kernel="xla"))
+  pallas      the fused dequant-matmul kernel (QuantConfig(kernel="pallas"); GPU only)
+and the same for the backward input-gradient product g @ W.T ("bwd" rows). Median of 10 runs
+after a warm-up, with block_until_ready. Ratios are to bf16 in the same run.
+
+The Pallas kernel targets the GPU (Triton); elsewhere it would run in interpret mode, which is
+a correctness tool, so the `pallas` rows are skipped off GPU.
+
+Run: python benchmarks/qmatmul.py [--k 4096] [--n 4096] [--ms 1,16,128,4096] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+import lora_jax as lj
+from lora_jax import quant
+from lora_jax.kernels import dequant_matmul
+
+
+def median_ms(fn, *args, runs=10):
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--k", type=int, default=4096)
+    p.add_argument("--n", type=int, default=4096)
+    p.add_argument("--ms", default="1,16,128,4096")
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+
+    bf16 = jnp.bfloat16
+    w = jax.random.normal(jax.random.key(0), (args.k, args.n), jnp.float32) * 0.02
+    qt = quant.quantize_array(w, lj.QuantConfig(compute_dtype=bf16))
+    dense = quant.dequantize(qt, bf16)
+    gpu = jax.default_backend() == "gpu"
+    cases = {
+        "bf16": (jax.jit(lambda x, w: x @ w), jax.jit(lambda g, w: g @ w.T), dense),
+        "xla": (
+            jax.jit(lambda x, q: quant._matmul("xla", x, q, transpose=False)),
+            jax.jit(lambda g, q: quant._matmul("xla", g, q, transpose=True)),
+            qt,
+        ),
+    }
+    if gpu:
+        cases["pallas"] = (
+            jax.jit(lambda x, q: dequant_matmul.pallas_matmul(x, q)),
+            jax.jit(lambda g, q: dequant_matmul.pallas_matmul(g, q, transpose=True)),
+            qt,
+        )
+    rows = []
+    for m in (int(s) for s in args.ms.split(",")):
+        x = jax.random.normal(jax.random.key(1), (m, args.k), bf16)
+        g = jax.random.normal(jax.random.key(2), (m, args.n), bf16)
+        for direction, inp in (("fwd", x), ("bwd", g)):
+            times = {}
+            for name, (fwd, bwd, weight) in cases.items():
+                times[name] = median_ms(
+                    fwd if direction == "fwd" else bwd, inp, weight, runs=args.runs
+                )
+            rows.append(
+                {"m": m, "direction": direction, **{f"{k}_ms": v for k, v in times.items()}}
+            )
+    report = {
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+        "jax": jax.__version__,
+        "k": args.k,
+        "n": args.n,
+        "bits_per_weight": qt.bits_per_weight,
+        "rows": rows,
+        "pallas": "measured" if gpu else "skipped: not a GPU backend",
+    }
+    names = list(cases)
+    print(
+        f"{args.k}x{args.n} NF4 kernel ({qt.bits_per_weight:.3f} bits/weight) on {report['device']}, jax {report['jax']}"
+    )
+    print(
+        "| M | pass | "
+        + " | ".join(f"{n} ms" for n in names)
+        + " | "
+        + " | ".join(f"{n}/bf16" for n in names[1:])
+        + " |"
+    )
+    print("|---" * (2 + 2 * len(names) - 1) + "|")
+    for r in rows:
+        ms = [r[f"{n}_ms"] for n in names]
+        ratios = [f"{v / ms[0]:.2f}" for v in ms[1:]]
+        print(
+            f"| {r['m']} | {r['direction']} | "
+            + " | ".join(f"{v:.3f}" for v in ms)
+            + " | "
+            + " | ".join(ratios)
+            + " |"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    main()
