@@ -111,7 +111,7 @@ class QuantizedTensor:
     @property
     def nbytes(self) -> int:
         """Bytes of storage (codes and scales)."""
-        return sum(leaf.nbytes for leaf in jax.tree.leaves(self))
+        return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(self))
 
     @property
     def bits_per_weight(self) -> float:

@@ -19,6 +19,7 @@ from lora_jax.kernels import dequant_matmul
 from lora_jax.models import Llama, LlamaConfig, causal_lm_loss
 
 F32 = jnp.float32
+DEQ = jax.jit(lambda qt: quant.dequantize(qt))
 QC = lambda **kw: lj.QuantConfig(**{"compute_dtype": F32, **kw})  # noqa: E731
 
 # bitsandbytes get_4bit_type("nf4"), the QLoRA code.
@@ -75,9 +76,9 @@ def test_grid_values_round_trip_exactly(fmt, k, n, block, seed):
     w = jax.random.normal(jax.random.key(seed), (k, n)) * 3.0
     qt = quant.quantize_array(w, QC(fmt=fmt, block_size=block, double_quant=False))
     again = quant.quantize_array(
-        quant.dequantize(qt), QC(fmt=fmt, block_size=block, double_quant=False)
+        DEQ(qt), QC(fmt=fmt, block_size=block, double_quant=False)
     )
-    chex.assert_trees_all_equal(quant.dequantize(again), quant.dequantize(qt))
+    chex.assert_trees_all_equal(DEQ(again), DEQ(qt))
 
 
 def test_packing_order():
@@ -194,6 +195,33 @@ def test_qmatmul_has_no_gradient_for_the_frozen_tensor():
         for leaf in jax.tree.leaves(grads)
         if leaf.dtype != jax.dtypes.float0
     )
+
+
+@given(
+    m=st.integers(1, 5),
+    k=st.integers(8, 80),
+    n=st.integers(1, 24),
+    block=st.sampled_from([8, 16]),
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_qmatmul_equals_dense_product(m, k, n, block, dtype, seed):
+    keys = jax.random.split(jax.random.key(seed))
+    qt = quant.quantize_array(
+        jax.random.normal(keys[0], (k, n)), lj.QuantConfig(block_size=block, compute_dtype=dtype)
+    )
+    x = jax.random.normal(keys[1], (2, m, k)).astype(dtype)
+    out = jax.jit(quant.qmatmul)(x, qt)
+    chex.assert_shape(out, (2, m, n))
+    chex.assert_type(out, dtype)
+    expected = x.astype(F32) @ jax.jit(quant.dequantize, static_argnums=1)(qt, F32)
+    assert_close(out, expected, dtype)
+
+
+def test_summary_and_nbytes_work_on_abstract_trees():
+    qt = quant.quantize_array(jnp.ones((128, 64)), QC())
+    abstract = jax.eval_shape(lambda q: q, qt)
+    assert abstract.nbytes == qt.nbytes and abstract.shape == (128, 64)
 
 
 @pytest.mark.parametrize("fmt", sorted(quant.TABLES))
@@ -468,7 +496,10 @@ def test_dense_kernels_never_all_alive_at_once():
     for eight 4 MB kernels; 13.8 MB with it).
     """
     layers, k = 8, 256
-    qts = [quant.quantize_array(jax.random.normal(jax.random.key(i), (k, k)), QC()) for i in range(layers)]
+    qts = [
+        quant.quantize_array(jax.random.normal(jax.random.key(i), (k, k)), QC())
+        for i in range(layers)
+    ]
 
     def loss(x, qts):
         for q in qts:
