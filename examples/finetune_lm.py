@@ -7,7 +7,12 @@
 3. Report held-out loss before and after, save the adapter (safetensors + JSON), check that
    the merged model equals the adapted one, and plot the loss curves.
 
+The fine-tuning saves a train-state checkpoint every --ckpt-every steps (adapters, optimizer
+state, data position; the pretrained base is saved once, beside them). Interrupt it and run
+again with --resume (and the same flags) to continue from the latest checkpoint.
+
 Run: python examples/finetune_lm.py            (defaults)
+     python examples/finetune_lm.py --resume   (continue an interrupted run)
      python examples/finetune_lm.py --help     (model size, rank, steps, targets, data)
 """
 
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import itertools
 import json
 import os
 import sys
@@ -26,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import traverse_util
+import orbax.checkpoint as ocp
 
 import lora_jax as lj
 from lora_jax.models import Llama, LlamaConfig, causal_lm_loss
@@ -59,7 +65,18 @@ def parse_args(argv=None):
     )
     p.add_argument("--out", type=Path, default=Path("runs/finetune_lm"))
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    p.add_argument(
+        "--ckpt-dir", type=Path, help="train-state checkpoints (default: OUT/checkpoints)"
+    )
+    p.add_argument("--ckpt-every", type=int, default=50, help="checkpoint every N LoRA steps")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest checkpoint in --ckpt-dir (run with the same flags)",
+    )
+    args = p.parse_args(argv)
+    args.ckpt_dir = args.ckpt_dir or args.out / "checkpoints"
+    return args
 
 
 # --------------------------------------------------------------------------- data
@@ -106,11 +123,13 @@ def split(data: bytes, held_out: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
     return tokens[:cut], tokens[cut:]
 
 
-def batches(tokens: np.ndarray, batch: int, seq: int, seed: int):
-    """Endless random windows of seq + 1 tokens: inputs and next-token targets."""
-    rng = np.random.default_rng(seed)
-    while True:
-        starts = rng.integers(0, len(tokens) - seq - 1, size=batch)
+def batches(tokens: np.ndarray, batch: int, seq: int, seed: int, start: int = 0):
+    """Endless random windows of seq + 1 tokens: inputs and next-token targets.
+
+    Batch i depends only on (seed, i), so a resumed run continues at `start` = i.
+    """
+    for i in itertools.count(start):
+        starts = np.random.default_rng((seed, i)).integers(0, len(tokens) - seq - 1, size=batch)
         window = np.stack([tokens[s : s + seq + 1] for s in starts])
         yield {"inputs": jnp.asarray(window[:, :-1]), "targets": jnp.asarray(window[:, 1:])}
 
@@ -123,25 +142,38 @@ def eval_batches(tokens: np.ndarray, batch: int, seq: int, count: int = 8):
 # --------------------------------------------------------------------------- training
 
 
-def progress(total: int, desc: str):
+def progress(total: int, desc: str, initial: int = 0):
     try:
         from tqdm import tqdm
     except ImportError:  # tqdm is in the `examples` extra; fall back to plain lines
         return None
-    return tqdm(total=total, desc=desc, dynamic_ncols=True, file=sys.stdout)
+    return tqdm(total=total, desc=desc, initial=initial, dynamic_ncols=True, file=sys.stdout)
 
 
-def run(steps: int, desc: str, step_fn, state, data, tokens_per_step: int, rng_key=None):
-    bar, losses = progress(steps, desc), []
-    start = time.perf_counter()
-    for i in range(steps):
+def run(
+    steps: int,
+    desc: str,
+    step_fn,
+    state,
+    data,
+    tokens_per_step: int,
+    rng_key=None,
+    *,
+    start: int = 0,
+    losses=(),
+    after_step=None,
+):
+    """Steps `start` .. `steps` - 1; `after_step(done, state, losses)` follows each step."""
+    bar, losses = progress(steps, desc, start), [tuple(x) for x in losses]
+    begin = time.perf_counter()
+    for i in range(start, steps):
         batch = next(data)
         rng = None if rng_key is None else jax.random.fold_in(rng_key, i)
         *state, loss = step_fn(*state, batch, rng)
         if i % 10 == 0 or i == steps - 1:
             loss = float(loss)
             losses.append((i, loss))
-            tok_s = tokens_per_step * (i + 1) / (time.perf_counter() - start)
+            tok_s = tokens_per_step * (i + 1 - start) / (time.perf_counter() - begin)
             if bar is not None:
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
             elif i % 50 == 0 or i == steps - 1:
@@ -150,6 +182,8 @@ def run(steps: int, desc: str, step_fn, state, data, tokens_per_step: int, rng_k
                 )
         if bar is not None:
             bar.update(1)
+        if after_step is not None:
+            after_step(i + 1, state, losses)
     if bar is not None:
         bar.close()
     return state, losses
@@ -184,28 +218,20 @@ def eval_loss(apply, params, eval_set) -> float:
     return float(np.mean([loss(params, b) for b in eval_set]))
 
 
-def save_adapter(out: Path, params, cfg: lj.LoraConfig) -> Path:
-    """Adapter leaves to safetensors, the config to JSON (no pickle)."""
-    from safetensors.numpy import save_file
+def save_base(out: Path, base, losses) -> None:
+    """The pretrained weights and their loss curve: what a resumed run starts from."""
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save((out / "base_model").absolute(), base, force=True)
+    (out / "base_losses.json").write_text(json.dumps(losses))
 
-    trainable, _ = lj.partition(params)
-    flat = traverse_util.flatten_dict(trainable, sep="/")
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: np.asarray(v, np.float32) for k, v in flat.items()}, str(out / "adapter.safetensors")
-    )
-    config = {
-        "rank": cfg.rank,
-        "alpha": cfg.alpha,
-        "targets": list(cfg.targets),
-        "use_rslora": cfg.use_rslora,
-        "dropout": cfg.dropout,
-        "scales": {
-            k: float(v) for k, v in traverse_util.flatten_dict(params["lora"], sep="/").items()
-        },
-    }
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    return out / "adapter.safetensors"
+
+def load_base(out: Path, like):
+    """What `save_base` wrote; `like` gives the shapes (from `jax.eval_shape`)."""
+    if not (out / "base_model").is_dir():
+        sys.exit(f"--resume: no pretrained weights in {out / 'base_model'}; run without --resume.")
+    with ocp.StandardCheckpointer() as ckptr:
+        base = ckptr.restore((out / "base_model").absolute(), like)
+    return base, json.loads((out / "base_losses.json").read_text())
 
 
 def plot(out: Path, base_losses, lora_losses, before: float, after: float) -> Path | None:
@@ -259,10 +285,20 @@ def main(argv=None):
     model = Llama(model_cfg)
     key = jax.random.key(args.seed)
     sample = jnp.zeros((1, args.seq), jnp.int32)
-    base = model.init(jax.random.fold_in(key, 0), sample)
-    base, base_losses = pretrain(
-        model, base, args, batches(base_train, args.batch, args.seq, args.seed)
-    )
+    ckpt = lj.CheckpointManager(args.ckpt_dir, max_to_keep=2)
+    resume = args.resume and ckpt.latest_step() is not None
+    if resume:
+        base, base_losses = load_base(args.out, jax.eval_shape(model.init, key, sample))
+    else:
+        if ckpt.all_steps():
+            print(f"new run: removing the checkpoints of the last run in {args.ckpt_dir}")
+            for old in ckpt.all_steps():
+                ckpt.delete(old)
+        base = jax.jit(model.init)(jax.random.fold_in(key, 0), sample)
+        base, base_losses = pretrain(
+            model, base, args, batches(base_train, args.batch, args.seq, args.seed)
+        )
+        save_base(args.out, base, base_losses)
 
     cfg = lj.LoraConfig(
         rank=args.rank,
@@ -284,22 +320,44 @@ def main(argv=None):
         lora_model, lambda apply, b: causal_lm_loss(apply(b["inputs"]), b["targets"]), tx
     )
     dropout_key = jax.random.fold_in(key, 2) if args.dropout > 0 else None
+    opt_state, start, lora_losses, resumed_from = step.init(params), 0, [], None
+    if resume:
+        trainable, frozen = lj.partition(params)
+        try:
+            state = ckpt.restore(trainable_like=trainable, opt_state_like=opt_state, config=cfg)
+        except ValueError as e:
+            sys.exit(f"--resume: {e}")
+        params, opt_state = lj.combine(state.trainable, frozen), state.opt_state
+        start, lora_losses = state.data_state["position"], state.data_state["losses"]
+        dropout_key, resumed_from = state.rng, state.step
+        print(f"resumed from step {state.step} ({args.ckpt_dir})")
+
+    def checkpoint(done, state, losses):
+        if done % args.ckpt_every == 0 or done == args.steps:
+            trainable = lj.partition(state[0])[0]
+            position = {"position": done, "losses": losses}
+            ckpt.save(done, trainable, state[1], rng=dropout_key, data_state=position, config=cfg)
+
     (params, _), lora_losses = run(
         args.steps,
         "LoRA fine-tune",
         lambda p, s, b, r: step(p, s, b, rng=r),
-        (params, step.init(params)),
-        batches(tune_train, args.batch, args.seq, args.seed + 1),
+        (params, opt_state),
+        batches(tune_train, args.batch, args.seq, args.seed + 1, start=start),
         args.batch * args.seq,
         dropout_key,
+        start=start,
+        losses=lora_losses,
+        after_step=checkpoint,
     )
+    ckpt.close()
     after = eval_loss(lora_model.apply, params, held)
     print(
         f"held-out loss on the fine-tuning text: before {before:.4f}  after {after:.4f} "
         f"({100 * (before - after) / before:.1f}% lower)"
     )
 
-    adapter = save_adapter(args.out / "adapter", params, cfg)
+    adapter = lj.save_adapter(args.out / "adapter", params, cfg) / "adapter.safetensors"
     print(f"adapter saved: {adapter} ({os.path.getsize(adapter):,} bytes)")
     merged = lj.merge(params)
     x = held[0]["inputs"]
@@ -310,7 +368,7 @@ def main(argv=None):
     png = plot(args.out, base_losses, lora_losses, before, after)
     if png:
         print(f"loss curves: {png}")
-    return {"before": before, "after": after, "merge_diff": diff}
+    return {"before": before, "after": after, "merge_diff": diff, "resumed_from": resumed_from}
 
 
 if __name__ == "__main__":

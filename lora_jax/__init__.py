@@ -4,6 +4,7 @@ Adapters on unmodified Flax models, pure tree transforms (labels, partition, mer
 jit-compiled train step that differentiates only the adapters.
 """
 
+from lora_jax.checkpoint import CheckpointManager, TrainState, load_adapter, save_adapter
 from lora_jax.config import LoraConfig, QuantConfig
 from lora_jax.layers import ConvRule, EmbedRule, LinearRule, Rule, Split, register_rule
 from lora_jax.optim import optimizer
@@ -24,6 +25,7 @@ from lora_jax.wrapper import LoRA, init
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointManager",
     "ConvRule",
     "EmbedRule",
     "LinearRule",
@@ -35,18 +37,21 @@ __all__ = [
     "Rule",
     "Split",
     "Summary",
+    "TrainState",
     "TrainStep",
     "__version__",
     "combine",
     "dequantize",
     "init",
     "labels",
+    "load_adapter",
     "make_train_step",
     "merge",
     "optimizer",
     "partition",
     "quantize",
     "register_rule",
+    "save_adapter",
     "summary",
     "trainable_paths",
 ]

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -22,18 +23,26 @@ def finetune_lm():
 def test_finetune_lm_on_user_data(finetune_lm, tmp_path):
     data = tmp_path / "poem.txt"
     data.write_text("the quick brown fox jumps over the lazy dog. " * 200)
-    result = finetune_lm.main([
+    args = [
         "--model", "tiny", "--base-steps", "5", "--steps", "30", "--batch", "4", "--seq", "32",
         "--rank", "4", "--targets", "q_proj,v_proj", "--data", str(data), "--out", str(tmp_path / "run"),
-        "--lr", "1e-2",
-    ])
+        "--lr", "1e-2", "--ckpt-every", "10",
+    ]
+    result = finetune_lm.main(args)
     assert result["after"] < result["before"]
     assert result["merge_diff"] < 1e-4
     adapter = tmp_path / "run" / "adapter"
-    config = json.loads((adapter / "adapter_config.json").read_text())
+    config = json.loads((adapter / "adapter_config.json").read_text())["lora_config"]
     assert config["rank"] == 4 and config["targets"] == ["q_proj", "v_proj"]
     assert (adapter / "adapter.safetensors").stat().st_size > 0
     assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 0
+
+    # Interrupted after step 20: --resume continues from there to the very same result.
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["20", "30"]
+    shutil.rmtree(checkpoints / "30")
+    resumed = finetune_lm.main([*args, "--resume"])
+    assert resumed["resumed_from"] == 20 and resumed["after"] == result["after"]
 
 
 def test_docstring_corpus_is_prose(finetune_lm):
