@@ -9,6 +9,7 @@ from lora_jax.config import LoraConfig, QuantConfig
 from lora_jax.layers import ConvRule, EmbedRule, LinearRule, Rule, Split, register_rule
 from lora_jax.optim import optimizer
 from lora_jax.quant import QuantizedTensor, dequantize, quantize
+from lora_jax.sharding import param_shardings, partition_specs, shard
 from lora_jax.train import TrainStep, make_train_step
 from lora_jax.tree import (
     RequantizeReport,
@@ -48,10 +49,13 @@ __all__ = [
     "make_train_step",
     "merge",
     "optimizer",
+    "param_shardings",
     "partition",
+    "partition_specs",
     "quantize",
     "register_rule",
     "save_adapter",
+    "shard",
     "summary",
     "trainable_paths",
 ]

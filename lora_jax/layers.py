@@ -286,12 +286,14 @@ def module_path(module: nn.Module) -> str:
 
     Walks the scope's parent links rather than reading `scope.path`: `nn.share_scope`
     re-parents a wrapped model's attribute submodules without updating their recorded path.
+    A lifted transform (`nn.scan`, `nn.remat`, ...) runs its body in a fresh root scope that
+    records its own path in the outer tree; the true root's path is ().
     """
     names, scope = [], module.scope
-    while scope is not None and scope.parent is not None:
+    while scope.parent is not None:
         names.append(str(scope.name))
         scope = scope.parent
-    return "/".join(reversed(names))
+    return "/".join([*map(str, scope.path), *reversed(names)])
 
 
 _RULES: dict[type, Rule] = {}

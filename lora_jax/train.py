@@ -12,20 +12,56 @@ them; figures in the README):
   frozen weight each step. Here the jitted step updates only the trainable half and donates
   it and the optimizer state; frozen leaves are inputs only and are returned as the same
   arrays.
+
+Given a mesh, the same step compiles to one SPMD program: `jax.jit` with in/out shardings for
+the parameters (from explicit specs or logical axis rules, adapters sharded like their kernel,
+see `lora_jax.sharding`), the optimizer state (like the parameters it tracks) and the batch.
+Data parallel, FSDP and tensor parallel layouts are all just shardings; XLA inserts the
+collectives. The same code runs on many hosts (`jax.distributed.initialize` first).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import optax
+from flax import traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lora_jax import sharding as sh
 from lora_jax.tree import Tree, combine, partition
 from lora_jax.wrapper import LoRA
 
 LossFn = Callable[..., Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Where a mesh step puts things: the mesh, the base's specs, the rules, the batch."""
+
+    mesh: Mesh
+    specs: Tree | None  # the base's specs as given (None: from the boxes, or replicated)
+    rules: sh.Rules | None
+    batch: NamedSharding
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """The shardings and jitted functions for one parameter tree structure."""
+
+    params: Tree  # a NamedSharding per leaf, shaped like unbox(params)
+    trainable: Tree
+    frozen: Tree
+    state: Any
+    init: Callable
+    jitted: Callable
 
 
 class TrainStep:
@@ -33,25 +69,107 @@ class TrainStep:
 
     Build it with `make_train_step`. `step.init(params)` makes the optimizer state (over the
     trainable leaves); `step.jitted` is the underlying jitted function of
-    (trainable, frozen, opt_state, batch, rngs), for lowering and inspection.
+    (trainable, frozen, opt_state, batch, rngs) over unboxed values, for lowering and
+    inspection (with a mesh: the one built by the latest call; `step.lower` works in both
+    cases).
+
+    With a mesh, `step(...)` places its inputs where they belong (arrays already placed are
+    used as they are, so pass the returned params and state back in) and returns params and
+    optimizer state with their declared shardings; `step.shard(params)` places params up front.
     """
 
-    def __init__(self, lora_model: LoRA, loss_fn: LossFn, tx, *, has_aux: bool, donate: bool):
+    def __init__(
+        self,
+        lora_model: LoRA,
+        loss_fn: LossFn,
+        tx,
+        *,
+        has_aux: bool,
+        donate: bool,
+        layout: _Layout | None = None,
+    ):
         self.lora_model, self.loss_fn, self.tx, self.has_aux = lora_model, loss_fn, tx, has_aux
+        self.mesh = None if layout is None else layout.mesh
+        self._layout, self._donate = layout, (0, 2) if donate else ()
         self._state_def = None
-        self.jitted = jax.jit(self._step, donate_argnums=(0, 2) if donate else ())
+        self._plans: dict[Any, _Plan] = {}
+        self.jitted = jax.jit(self._step, donate_argnums=self._donate) if layout is None else None
 
     def init(self, params: Tree) -> optax.OptState:
-        """Optimizer state for the trainable leaves of `params`."""
-        return self.tx.init(partition(params)[0])
+        """Optimizer state for the trainable leaves of `params` (placed on the mesh, if any)."""
+        trainable = sh.unbox(partition(params)[0])
+        if self._layout is None:
+            return self.tx.init(trainable)
+        plan = self._plan(params)
+        return plan.init(sh.shard(trainable, plan.trainable))
+
+    def shard(self, params: Tree) -> Tree:
+        """`params` placed on the mesh with their shardings (boxes kept); needs a mesh."""
+        return sh.shard(params, self.param_shardings(params))
+
+    def param_shardings(self, params: Tree) -> Tree:
+        """A `NamedSharding` per leaf of `unbox(params)`; needs a mesh."""
+        return self._plan(params).params
+
+    def state_shardings(self, params: Tree) -> Any:
+        """The shardings of the optimizer state that `init(params)` makes; needs a mesh."""
+        return self._plan(params).state
 
     def __call__(self, params: Tree, opt_state, batch, rng=None):
-        trainable, frozen = partition(params)
-        self._check_state(trainable, opt_state)
-        rngs = {"dropout": rng} if rng is not None and not isinstance(rng, Mapping) else rng
-        trainable, opt_state, loss = self.jitted(trainable, frozen, opt_state, batch, rngs)
-        out = combine(trainable, frozen), opt_state
+        jitted, args, (trainable, frozen) = self._prepare(params, opt_state, batch, rng)
+        new, opt_state, loss = jitted(*args)
+        out = combine(sh.rebox(trainable, new), sh.rebox(frozen, args[1])), opt_state
         return (*out, *loss) if self.has_aux else (*out, loss)
+
+    def lower(self, params: Tree, opt_state, batch, rng=None) -> jax.stages.Lowered:
+        """Lowers the step for these arguments (nothing runs, nothing is donated), e.g.
+        ``step.lower(params, opt_state, batch).compile().memory_analysis()``."""
+        jitted, args, _ = self._prepare(params, opt_state, batch, rng)
+        return jitted.lower(*args)
+
+    def _prepare(self, params, opt_state, batch, rng):
+        trainable, frozen = partition(params)
+        values, frozen_values = sh.unbox(trainable), sh.unbox(frozen)
+        self._check_state(values, opt_state)
+        rngs = {"dropout": rng} if rng is not None and not isinstance(rng, Mapping) else rng
+        if self._layout is None:
+            return self.jitted, (values, frozen_values, opt_state, batch, rngs), (trainable, frozen)
+        plan = self._plan(params)
+        replicated = self._layout.replicated
+        args = (
+            sh.shard(values, plan.trainable),
+            sh.shard(frozen_values, plan.frozen),
+            sh.shard(opt_state, plan.state),
+            sh.shard_batch(batch, self._layout.batch),
+            None if rngs is None else sh.shard(rngs, jax.tree.map(lambda _: replicated, rngs)),
+        )
+        self.jitted = plan.jitted
+        return plan.jitted, args, (trainable, frozen)
+
+    def _plan(self, params: Tree) -> _Plan:
+        if self._layout is None:
+            raise ValueError("This train step has no mesh: pass mesh= to make_train_step.")
+        values = sh.unbox(params)
+        key = jax.tree.structure(values), tuple(sh.shape_of(v) for v in jax.tree.leaves(values))
+        if key not in self._plans:
+            self._plans[key] = self._make_plan(params, self._layout)
+        return self._plans[key]
+
+    def _make_plan(self, params: Tree, layout: _Layout) -> _Plan:
+        shardings = sh.param_shardings(params, layout.mesh, layout.specs, rules=layout.rules)
+        _check_axes_used(layout, shardings)
+        trainable, frozen = partition(shardings)
+        abstract = jax.eval_shape(self.tx.init, sh.unbox(partition(params)[0]))
+        state = _state_shardings(abstract, trainable, params, layout.replicated)
+        value = (layout.replicated, None) if self.has_aux else layout.replicated
+        jitted = jax.jit(
+            self._step,
+            in_shardings=(trainable, frozen, state, layout.batch, layout.replicated),
+            out_shardings=(trainable, state, value),
+            donate_argnums=self._donate,
+        )
+        init = jax.jit(self.tx.init, in_shardings=(trainable,), out_shardings=state)
+        return _Plan(shardings, trainable, frozen, state, init, jitted)
 
     def _step(self, trainable, frozen, opt_state, batch, rngs):
         def objective(trainable):
@@ -74,6 +192,42 @@ class TrainStep:
             )
 
 
+def _state_shardings(abstract_state, trainable: Tree, params: Tree, replicated) -> Any:
+    """Optimizer-state shardings: a leaf that mirrors a trainable leaf (same path at the end of
+    its key path, same shape: Adam's mu and nu, momentum, ...) is sharded like it; anything
+    else (step counts, factored statistics) is replicated."""
+    by_path = traverse_util.flatten_dict(trainable, sep="/")
+    shapes = {k: sh.shape_of(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
+
+    def sharding(key_path, leaf):
+        names = []
+        for k in reversed(key_path):
+            if not isinstance(k, jax.tree_util.DictKey):
+                break
+            names.insert(0, str(k.key))
+        path = "/".join(names)
+        match = path in by_path and shapes[path] == tuple(leaf.shape)
+        return by_path[path] if match else replicated
+
+    return jax.tree_util.tree_map_with_path(sharding, abstract_state)
+
+
+def _check_axes_used(layout: _Layout, shardings: Tree) -> None:
+    """Raises if a mesh axis of size > 1 shards neither a parameter nor the batch."""
+    used = sh.used_axes(shardings) | sh.used_axes(layout.batch)
+    idle = [a for a in layout.mesh.axis_names if layout.mesh.shape[a] > 1 and a not in used]
+    if idle:
+        known = sorted(sh.rule_axes(layout.rules or ()))
+        source = (f"the rules map logical axes to mesh axes {known} only" if layout.rules
+                  else f"the param shardings use mesh axes {sorted(sh.used_axes(shardings))} only")
+        raise ValueError(
+            f"Mesh axes {idle} (mesh {dict(layout.mesh.shape)}) shard no parameter and not the "
+            f"batch (batch_sharding {layout.batch.spec}; {source}), so every device along "
+            "them would repeat the same work. Map a logical axis to them in the rules, shard "
+            "the batch over them, or build the mesh without them."
+        )
+
+
 def make_train_step(
     lora_model: LoRA,
     loss_fn: LossFn,
@@ -81,6 +235,10 @@ def make_train_step(
     *,
     has_aux: bool = False,
     donate: bool = True,
+    mesh: Mesh | None = None,
+    param_shardings: Tree | None = None,
+    rules: sh.Rules | None = None,
+    batch_sharding: PartitionSpec | NamedSharding | None = None,
 ) -> TrainStep:
     """Builds a jit-compiled train step that updates only the trainable leaves.
 
@@ -95,10 +253,30 @@ def make_train_step(
       has_aux: `loss_fn` returns (loss, aux); the step then returns aux last.
       donate: donate the trainable parameters and the optimizer state to the step (their
         buffers are reused; do not read the arrays you passed in afterwards).
+      mesh: a `jax.sharding.Mesh`: compile one SPMD program over its devices. Without
+        `param_shardings` and sharding boxes the parameters are replicated (data parallel).
+      param_shardings: the base's shardings: a tree of `PartitionSpec` (or `NamedSharding`)
+        shaped like the pretrained params; adapters and the "lora" collection are derived
+        (see `lora_jax.partition_specs`). Mesh axis names, or logical axis names with `rules`.
+        None: read from the sharding boxes in the params (`nn.with_logical_partitioning`).
+      rules: logical axis rules ``((logical_name, mesh_axes), ...)``, e.g.
+        ``(("batch", "data"), ("embed", "fsdp"), ("heads", "model"), ("mlp", "model"))``.
+      batch_sharding: a mesh-axis `PartitionSpec` applied to every batch leaf; default: the
+        leading axis where the rules map "batch", else over the mesh axis "data". NumPy
+        leaves hold this process's rows (on many hosts), `jax.Array`s the whole batch.
 
     Returns:
       A `TrainStep`: `params, opt_state, loss = step(params, opt_state, batch, rng=None)`;
       `rng` (a key, or a dict of keys by rng name) enables dropout.
+
+    Raises:
+      ValueError: sharding options without a mesh, rules naming axes the mesh lacks; at the
+        first call: a mesh axis that shards nothing, a dimension that does not divide evenly.
+
+    Example:
+      >>> mesh = jax.make_mesh((2, 4), ("data", "model"))  # doctest: +SKIP
+      >>> rules = (("batch", "data"), ("heads", "model"), ("mlp", "model"))  # doctest: +SKIP
+      >>> step = lj.make_train_step(lora_model, loss_fn, tx, mesh=mesh, rules=rules)  # doctest: +SKIP
     """
     if not isinstance(lora_model, LoRA):
         raise TypeError(
@@ -106,4 +284,16 @@ def make_train_step(
         )
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {loss_fn!r}.")
-    return TrainStep(lora_model, loss_fn, tx, has_aux=has_aux, donate=donate)
+    layout = None
+    if mesh is None:
+        given = [n for n, v in (("param_shardings", param_shardings), ("rules", rules),
+                                ("batch_sharding", batch_sharding)) if v is not None]
+        if given:
+            raise ValueError(f"make_train_step got {', '.join(given)} but no mesh: pass mesh=.")
+    else:
+        mesh = sh.auto_mesh(mesh)
+        if rules is not None:
+            sh.check_rules(rules, mesh)
+        batch = sh.batch_sharding(mesh, batch_sharding, rules=rules)
+        layout = _Layout(mesh, param_shardings, None if rules is None else tuple(rules), batch)
+    return TrainStep(lora_model, loss_fn, tx, has_aux=has_aux, donate=donate, layout=layout)

@@ -35,8 +35,8 @@ from lora_jax.config import (
 from lora_jax.layers import Rule, module_path, rule_for
 
 _MAX_LISTED = 10
-# Set by `init` while it traces the model: parameter path -> (leading axes, contraction axes)
-# of every kernel that `LoraConfig.quantize` selects.
+# Set by `init` while it traces the model: parameter path -> (batch axes, contraction axes,
+# number of axes the layer sees) of every kernel that `LoraConfig.quantize` selects.
 _QUANTIZED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("quantized", default=None)
 
 
@@ -85,7 +85,7 @@ class LoRA(nn.Module):
 
 def _intercept(wrapper: LoRA, trace: _Trace, next_fun, args, kwargs, context):
     module = context.module
-    if trace.busy or module.scope is None or module.scope.root is not wrapper.scope.root:
+    if trace.busy or module.scope is None or not _in_model(module, wrapper):
         return next_fun(*args, **kwargs)
     path = module_path(module)
     rule = rule_for(type(module))
@@ -116,6 +116,13 @@ def _intercept(wrapper: LoRA, trace: _Trace, next_fun, args, kwargs, context):
         return _add_delta(wrapper.config, rule, module, path, method, args, kwargs, out)
     finally:
         trace.busy = False
+
+
+def _in_model(module, wrapper: LoRA) -> bool:
+    """Whether a bound module belongs to the wrapped model (lifted scopes included: the body
+    of `nn.scan` / `nn.remat` runs in a fresh root scope whose path points into the tree)."""
+    root = module.scope.root
+    return root is wrapper.scope.root or root.debug_path != root.path
 
 
 def _quantized_param(cfg: LoraConfig, module, rule: Rule | None, path: str, creating: bool):
@@ -182,7 +189,7 @@ def _record_quantized(cfg: LoraConfig, rule: Rule, module, path, args, kwargs, t
     trace.quantized.add(path)
     recorder = _QUANTIZED.get()
     if recorder is not None:
-        recorder[f"params/{path}/{rule.param}"] = (split.n_batch, split.n_in)
+        recorder[f"params/{path}/{rule.param}"] = (split.n_batch, split.n_in, len(shape))
 
 
 def _add_delta(cfg: LoraConfig, rule: Rule, module, path, method, args, kwargs, out):
@@ -196,7 +203,7 @@ def _add_delta(cfg: LoraConfig, rule: Rule, module, path, method, args, kwargs, 
     # A kernel boxed with sharding names (nn.Partitioned / nn.LogicallyPartitioned) boxes its
     # adapters alike: A (batch..., in..., rank) keeps the kernel's batch and input names, B
     # (batch..., rank, out...) its batch and output names; the rank axis is replicated (None).
-    names = getattr(kernel, "names", None) if isinstance(kernel, meta.Partitioned) else None
+    names = kernel.names if isinstance(kernel, meta.Partitioned) else None
     if names is not None:
         names = tuple(names) + (None,) * (len(shape) - len(names))
         cut = split.n_batch + split.n_in
@@ -402,8 +409,10 @@ def _quantize_base(variables: Mapping, targets: Mapping, qcfg: QuantConfig | Non
             f"base_params hold quantized kernels that QuantConfig.targets does not select: "
             f"{_listed(stray)}. Selected: {_listed(sorted(targets))}."
         )
-    for path, (n_lead, n_in) in targets.items():
+    for path, (n_batch, n_in, ndim) in targets.items():
         value = meta.unbox(flat[path])
+        # Axes the layer never saw are stacked-layer axes (nn.scan): leading, one matrix each.
+        n_lead = n_batch + len(value.shape) - ndim
         if quant.is_quantized(value):
             _check_quantized(path, value, qcfg)
             if (len(value.lead_shape), len(value.in_shape)) != (n_lead, n_in):

@@ -9,8 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from flax.core import meta
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# Eight CPU devices, so that the mesh tests (test_sharding.py) run in-process; everything else
+# still runs on device 0. Must precede the first use of a device; an XLA_FLAGS device count
+# given by the caller wins. (Unlike XLA_FLAGS, this does not leak into subprocesses.)
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    jax.config.update("jax_num_cpu_devices", 8)
 
 hypothesis.settings.register_profile(
     "default", max_examples=8, deadline=None, derandomize=True, print_blob=True)
@@ -31,7 +37,9 @@ def randomize_adapters(params, key, scale=0.5):
     for path, v in flat.items():
         if path.endswith(("_lora_a", "_lora_b")):
             k = jax.random.fold_in(key, zlib.crc32(path.encode()))
-            flat[path] = (scale * jax.random.normal(k, v.shape, jnp.float32)).astype(v.dtype)
+            value = meta.unbox(v)  # adapters of a sharding-annotated kernel are boxed alike
+            new = (scale * jax.random.normal(k, value.shape, jnp.float32)).astype(value.dtype)
+            flat[path] = v.replace_boxed(new) if isinstance(v, meta.AxisMetadata) else new
     return traverse_util.unflatten_dict(flat, sep="/")
 
 

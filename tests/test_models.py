@@ -3,13 +3,20 @@
 import dataclasses
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import assert_close, leaves_by_path
 
-from lora_jax.models import Llama, LlamaConfig, causal_lm_loss
+from lora_jax.models import (
+    Llama,
+    LlamaConfig,
+    causal_lm_loss,
+    stack_layers,
+    unstack_layers,
+)
 
 IDS = jax.random.randint(jax.random.key(0), (2, 12), 0, 256)
 PROJ = ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/o_proj",
@@ -224,3 +231,97 @@ def test_causal_lm_loss():
     assert float(causal_lm_loss(logits, targets, jnp.zeros((2, 3)))) == 0.0
     with pytest.raises(ValueError, match="causal_lm_loss"):
         causal_lm_loss(logits[:, :2], targets)
+
+
+# ------------------------------------------------------------------ scaling-out options
+
+def _value_and_grad(model, params):
+    return jax.jit(jax.value_and_grad(lambda p: jnp.mean(model.apply(p, IDS) ** 2)))(params)
+
+
+@pytest.fixture(scope="module")
+def tiny_grads(tiny):
+    model, params, _ = tiny
+    return _value_and_grad(model, params)
+
+
+@pytest.mark.parametrize("options", [dict(scan_layers=True, remat=True), dict(remat=True)],
+                         ids=["scan+remat", "remat"])
+def test_scan_and_remat_compute_the_same_logits_and_grads(tiny, tiny_grads, options):
+    _, params, apply = tiny
+    other = Llama(LlamaConfig.tiny(**options))
+    scan = options.get("scan_layers", False)
+    converted = stack_layers(params) if scan else params
+    chex.assert_trees_all_equal_shapes(
+        converted, jax.eval_shape(other.init, jax.random.key(1), IDS))
+    (expected, grads), (value, other_grads) = tiny_grads, _value_and_grad(other, converted)
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+    back = unstack_layers(other_grads) if scan else other_grads
+    chex.assert_trees_all_close(back, grads, atol=1e-6, rtol=1e-4)
+
+
+def test_scan_stacks_params_on_a_leading_layer_axis(tiny):
+    _, params, _ = tiny
+    cfg = LlamaConfig.tiny(scan_layers=True)
+    stacked = jax.jit(Llama(cfg).init)(jax.random.key(1), IDS)
+    shapes = {k: v.shape for k, v in leaves_by_path(stacked["params"]).items()}
+    assert shapes["layers/self_attn/q_proj/kernel"] == (2, 64, 64)
+    assert shapes["layers/mlp/down_proj/kernel"] == (2, 128, 64)
+    assert shapes["layers/input_layernorm/scale"] == (2, 64)
+    assert not any(k.startswith("layers_") for k in shapes)
+    assert sum(v.size for v in jax.tree.leaves(stacked)) == cfg.num_params()
+    kernel = stacked["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert not np.allclose(kernel[0], kernel[1])  # the params rng is split per layer
+    # The layouts convert both ways; the round trip is exact.
+    chex.assert_trees_all_equal(unstack_layers(stack_layers(params)), params)
+    chex.assert_trees_all_equal(stack_layers(unstack_layers(stacked)), stacked)
+    chex.assert_trees_all_equal(stack_layers(params["params"]), stack_layers(params)["params"])
+    np.testing.assert_array_equal(
+        stack_layers(params)["params"]["layers"]["mlp"]["up_proj"]["kernel"][1],
+        params["params"]["layers_1"]["mlp"]["up_proj"]["kernel"])
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
+def test_logical_axes_annotate_every_param(scan):
+    boxed = jax.eval_shape(Llama(LlamaConfig.tiny(logical_axes=True, scan_layers=scan)).init,
+                           jax.random.key(1), IDS)
+    flat = leaves_by_path(boxed["params"])
+    assert all(isinstance(v, nn.LogicallyPartitioned) for v in flat.values())
+    layer, stack = ("layers", ("layers",)) if scan else ("layers_0", ())
+    names = {k: v.names for k, v in flat.items()}
+    assert names["embed_tokens/embedding"] == ("vocab", "embed")
+    assert names["lm_head/kernel"] == ("embed", "vocab")
+    assert names["norm/scale"] == ("norm",)
+    assert names[f"{layer}/self_attn/q_proj/kernel"] == (*stack, "embed", "heads")
+    assert names[f"{layer}/self_attn/k_proj/kernel"] == (*stack, "embed", "kv_heads")
+    assert names[f"{layer}/self_attn/o_proj/kernel"] == (*stack, "heads", "embed")
+    assert names[f"{layer}/mlp/down_proj/kernel"] == (*stack, "mlp", "embed")
+    assert names[f"{layer}/input_layernorm/scale"] == (*stack, "norm")
+    plain = jax.eval_shape(Llama(LlamaConfig.tiny(scan_layers=scan)).init, jax.random.key(1), IDS)
+    chex.assert_trees_all_equal_shapes_and_dtypes(nn.meta.unbox(boxed), plain)
+    if not scan:  # stack_layers keeps the boxes and names the new axis; unstack removes it.
+        values = jax.jit(Llama(LlamaConfig.tiny(logical_axes=True)).init)(jax.random.key(1), IDS)
+        kernel = stack_layers(values)["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
+        assert kernel.names == ("layers", "embed", "heads") and kernel.value.shape == (2, 64, 64)
+        back = unstack_layers(stack_layers(values))["params"]["layers_1"]["self_attn"]["q_proj"]
+        assert back["kernel"].names == ("embed", "heads")
+
+
+def test_stack_layers_errors(tiny):
+    _, params, _ = tiny
+    gap = {"params": {k: v for k, v in params["params"].items() if k != "layers_0"}}
+    with pytest.raises(ValueError, match=r"expected layers_0 \.\. layers_<n-1>"):
+        stack_layers(gap)
+    odd = jax.tree.map(lambda v: v, params)
+    del odd["params"]["layers_1"]["mlp"]
+    with pytest.raises(ValueError, match="params/layers_1"):
+        stack_layers(odd)
+    shared = {**params, "stats": {"layers_0": {"n": jnp.ones(2)}, "layers_1": {"n": jnp.zeros(2)}}}
+    with pytest.raises(ValueError, match=r"'stats/layers_<i>/n' differs between layers"):
+        stack_layers(shared)
+
+
+@pytest.mark.parametrize("name", ["logical_axes", "scan_layers", "remat"])
+def test_layout_options_must_be_bools(name):
+    with pytest.raises(ValueError, match=rf"LlamaConfig.{name} must be a bool, got 1\."):
+        LlamaConfig.tiny(**{name: 1})

@@ -509,3 +509,24 @@ def test_dense_kernels_never_all_alive_at_once():
     x = jnp.ones((8, k))
     temp = jax.jit(jax.grad(loss)).lower(x, qts).compile().memory_analysis().temp_size_in_bytes
     assert temp < layers / 2 * k * k * 4
+
+
+def test_qlora_with_scan_stacked_layers():
+    """Under nn.scan every leaf of a stacked QuantizedTensor is sliced per layer."""
+    model = Llama(LlamaConfig.tiny(scan_layers=True))
+    tokens = jax.random.randint(jax.random.key(30), (2, 17), 0, 256)
+    base = model.init(jax.random.key(31), tokens[:, :-1])
+    cfg = lj.LoraConfig(targets=("q_proj", "v_proj"), quantize=QC(targets=".*_proj"))
+    lora = lj.LoRA(model, cfg)
+    params = lj.init(lora, jax.random.key(32), tokens[:, :-1], base_params=base)
+    kernel = params["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert isinstance(kernel, lj.QuantizedTensor) and kernel.lead_shape == (2,)
+    assert kernel.in_shape == (64,) and kernel.out_shape == (64,)
+    params = randomize_adapters(params, jax.random.key(33), 0.1)
+    merged = lj.merge(params)
+    assert_close(model.apply(merged, tokens[:, :-1]), lora.apply(params, tokens[:, :-1]), F32)
+    loss = lambda apply, b: causal_lm_loss(apply(b[:, :-1]), b[:, 1:])  # noqa: E731
+    step = lj.make_train_step(lora, loss, optax.adam(1e-2))
+    state, frozen = step.init(params), lj.partition(params)[1]
+    params, state, _ = step(params, state, tokens)
+    chex.assert_trees_all_equal(lj.partition(params)[1], frozen)

@@ -240,3 +240,27 @@ def test_llama_lora_lowers_causal_lm_loss():
     flat = leaves_by_path(params)
     for path, value in leaves_by_path(base).items():
         assert flat[path] is value, path
+
+
+def test_boxed_params_keep_their_boxes_and_lower_works():
+    class Boxed(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
+            return nn.Dense(4, name="query", kernel_init=init)(x)
+
+    base = Boxed().init(jax.random.key(14), X)
+    lora_model = lj.LoRA(Boxed(), lj.LoraConfig(rank=2, targets=("query",)))
+    params = lj.init(lora_model, jax.random.key(15), X, base_params=base)
+    step = lj.make_train_step(lora_model, mse, optax.adam(1e-2))
+    opt_state = step.init(params)
+    assert not any(isinstance(v, nn.LogicallyPartitioned)
+                   for v in jax.tree.leaves(opt_state, is_leaf=lambda v: isinstance(v, nn.Partitioned)))
+    memory = step.lower(params, opt_state, BATCH).compile().memory_analysis()
+    assert memory.argument_size_in_bytes > 0
+    new, _, _ = step(params, opt_state, BATCH)
+    query = new["params"]["query"]
+    assert query["kernel"] is params["params"]["query"]["kernel"]  # the very same box
+    assert query["kernel_lora_a"].names == ("embed", None)
+    assert query["kernel_lora_b"].names == (None, "mlp")
+    assert not np.array_equal(query["kernel_lora_a"].value, 0.0)

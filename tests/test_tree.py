@@ -308,7 +308,7 @@ def test_merge_keeps_partitioning_boxes():
         assert type(query) is nn.Partitioned and query.names == (None, "model")
         assert type(value) is nn.LogicallyPartitioned and value.names == ("embed", "mlp")
         p = params["params"]["query"]
-        expected = p["kernel"].value + 8.0 * (p["kernel_lora_a"] @ p["kernel_lora_b"])
+        expected = p["kernel"].value + 8.0 * (p["kernel_lora_a"].value @ p["kernel_lora_b"].value)
         np.testing.assert_allclose(query.value, expected, rtol=1e-5, atol=1e-5)
         assert_close(model.apply(merged, X), lora_model.apply(params, X), jnp.float32)
 

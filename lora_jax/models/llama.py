@@ -2,6 +2,18 @@
 
 Plain Flax that knows nothing of LoRA. Module names follow Hugging Face Llama, so parameter paths
 read `layers_0/self_attn/q_proj/kernel` and LoRA targets read like PEFT's. Kernels are (in, out).
+
+Options for scaling out (all off by default, so the parameter tree stays plain):
+- `logical_axes`: every parameter carries Flax logical axis names (`nn.LogicallyPartitioned`):
+  "vocab", "embed", "heads" (query heads × head_dim), "kv_heads", "mlp", "norm", and "layers"
+  for the stacked axis of `scan_layers`. Map them to mesh axes with logical rules, e.g.
+  `(("batch", "data"), ("embed", "fsdp"), ("heads", "model"), ("kv_heads", "model"),
+  ("mlp", "model"), ("vocab", "model"))`.
+- `scan_layers`: the blocks run under `nn.scan`; their parameters sit at `layers/...` with a
+  leading axis of size `num_layers` instead of at `layers_0/...`, `layers_1/...`. Variable
+  collections other than "params" are broadcast across the layers (shared, not stacked).
+  `stack_layers` / `unstack_layers` convert between the two layouts.
+- `remat`: each block is rematerialized (`nn.remat`) in the backward pass.
 """
 
 from __future__ import annotations
@@ -12,7 +24,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from flax import traverse_util
+from flax.core import DenyList, meta
 
 Array = jax.Array
 
@@ -38,6 +53,9 @@ class LlamaConfig:
       tie_embeddings: compute the logits with the embedding matrix (no `lm_head`).
       max_seq_len: the longest sequence the model accepts.
       dtype, param_dtype: the compute dtype and the parameters' storage dtype.
+      logical_axes: annotate the parameters with logical axis names (see the module docstring).
+      scan_layers: run the blocks with `nn.scan`, parameters stacked on a leading layer axis.
+      remat: rematerialize each block's activations in the backward pass (`nn.remat`).
     """
 
     vocab_size: int
@@ -53,6 +71,9 @@ class LlamaConfig:
     max_seq_len: int = 2048
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    logical_axes: bool = False
+    scan_layers: bool = False
+    remat: bool = False
 
     def __post_init__(self):
         number = lambda v, t: isinstance(v, t) and not isinstance(v, bool) and v > 0
@@ -81,6 +102,9 @@ class LlamaConfig:
                 ok = False
             _check(ok, f"LlamaConfig.{name} must be a floating dtype, got {v!r}.")
             object.__setattr__(self, name, jnp.dtype(v))
+        for name in ("logical_axes", "scan_layers", "remat"):
+            v = getattr(self, name)
+            _check(isinstance(v, bool), f"LlamaConfig.{name} must be a bool, got {v!r}.")
 
     @classmethod
     def tiny(cls, **overrides: Any) -> LlamaConfig:
@@ -125,11 +149,13 @@ class RMSNorm(nn.Module):
     eps: float = 1e-5
     dtype: Any = jnp.float32  # of the output
     param_dtype: Any = jnp.float32
+    logical_axes: bool = False  # annotate `scale` with the logical axis name "norm"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         """Normalizes x (..., features); returns the same shape in `dtype`."""
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        init = _annotated(self.logical_axes, nn.initializers.ones, ("norm",))
+        scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
         x = x.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
         return (x * jnp.broadcast_to(scale.astype(jnp.float32), x.shape)).astype(self.dtype)
@@ -154,9 +180,19 @@ def rope(x: Array, positions: Array, theta: float) -> Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def _dense(cfg: LlamaConfig, features: int, name: str) -> nn.Dense:
+def _annotated(logical_axes: bool, init, names: tuple[str, ...]):
+    """`init`, boxed with logical axis names when `logical_axes` is on."""
+    return nn.with_logical_partitioning(init, names) if logical_axes else init
+
+
+def _dense(cfg: LlamaConfig, features: int, name: str, axes: tuple[str, str]) -> nn.Dense:
+    init = _annotated(cfg.logical_axes, nn.initializers.normal(0.02), axes)
     return nn.Dense(features, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                    kernel_init=nn.initializers.normal(0.02), name=name)
+                    kernel_init=init, name=name)
+
+
+def _norm(cfg: LlamaConfig, name: str) -> RMSNorm:
+    return RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, cfg.logical_axes, name=name)
 
 
 class LlamaAttention(nn.Module):
@@ -178,14 +214,15 @@ class LlamaAttention(nn.Module):
         """
         cfg = self.cfg
         b, s, _ = x.shape
-        heads = lambda name, n: _dense(cfg, n * cfg.head_dim, name)(x).reshape(b, s, n, -1)
-        q = rope(heads("q_proj", cfg.num_heads), positions, cfg.rope_theta)
-        k = rope(heads("k_proj", cfg.num_kv_heads), positions, cfg.rope_theta)
-        v = heads("v_proj", cfg.num_kv_heads)
+        heads = lambda name, n, axis: (
+            _dense(cfg, n * cfg.head_dim, name, ("embed", axis))(x).reshape(b, s, n, -1))
+        q = rope(heads("q_proj", cfg.num_heads, "heads"), positions, cfg.rope_theta)
+        k = rope(heads("k_proj", cfg.num_kv_heads, "kv_heads"), positions, cfg.rope_theta)
+        v = heads("v_proj", cfg.num_kv_heads, "kv_heads")
         # Query head i reads K/V head i // (num_heads // num_kv_heads), as HF's repeat_kv does.
         mask = None if keep is None else keep[:, None, None, :]  # (batch, 1, 1, keys)
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
-        return _dense(cfg, cfg.hidden_size, "o_proj")(out.reshape(b, s, -1))
+        return _dense(cfg, cfg.hidden_size, "o_proj", ("heads", "embed"))(out.reshape(b, s, -1))
 
 
 class LlamaMLP(nn.Module):
@@ -197,9 +234,9 @@ class LlamaMLP(nn.Module):
     def __call__(self, x: Array) -> Array:
         """Maps (batch, seq, hidden_size) to the same shape in `cfg.dtype`."""
         cfg = self.cfg
-        gate = _dense(cfg, cfg.intermediate_size, "gate_proj")(x)
-        up = _dense(cfg, cfg.intermediate_size, "up_proj")(x)
-        return _dense(cfg, cfg.hidden_size, "down_proj")(nn.silu(gate) * up)
+        gate = _dense(cfg, cfg.intermediate_size, "gate_proj", ("embed", "mlp"))(x)
+        up = _dense(cfg, cfg.intermediate_size, "up_proj", ("embed", "mlp"))(x)
+        return _dense(cfg, cfg.hidden_size, "down_proj", ("mlp", "embed"))(nn.silu(gate) * up)
 
 
 class LlamaBlock(nn.Module):
@@ -211,10 +248,9 @@ class LlamaBlock(nn.Module):
     def __call__(self, x: Array, positions: Array, keep: Array | None) -> Array:
         """Maps (batch, seq, hidden_size) to the same shape; arguments as `LlamaAttention`."""
         cfg = self.cfg
-        norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)
-        h = norm("input_layernorm")(x)
+        h = _norm(cfg, "input_layernorm")(x)
         x = x + LlamaAttention(cfg, name="self_attn")(h, positions, keep)
-        return x + LlamaMLP(cfg, name="mlp")(norm("post_attention_layernorm")(x))
+        return x + LlamaMLP(cfg, name="mlp")(_norm(cfg, "post_attention_layernorm")(x))
 
 
 class Llama(nn.Module):
@@ -254,16 +290,149 @@ class Llama(nn.Module):
             keep = jnp.asarray(attention_mask).astype(bool)
             _check(keep.shape == (b, s),
                    f"Llama: attention_mask must be ({b}, {s}), got shape {keep.shape}.")
+        embed_init = _annotated(cfg.logical_axes, nn.initializers.normal(0.02), ("vocab", "embed"))
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
-                         param_dtype=cfg.param_dtype, embedding_init=nn.initializers.normal(0.02),
+                         param_dtype=cfg.param_dtype, embedding_init=embed_init,
                          name="embed_tokens")
         x, positions = embed(input_ids), jnp.broadcast_to(positions, (b, s))
-        for i in range(cfg.num_layers):
-            x = LlamaBlock(cfg, name=f"layers_{i}")(x, positions, keep)
-        x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(x)
+        block = nn.remat(LlamaBlock, prevent_cse=not cfg.scan_layers) if cfg.remat else LlamaBlock
+        if cfg.scan_layers:
+            x, _ = _scan(cfg)(block(cfg, name=LAYERS), x, positions, keep)
+        else:
+            for i in range(cfg.num_layers):
+                x = block(cfg, name=f"{LAYERS}_{i}")(x, positions, keep)
+        x = _norm(cfg, "norm")(x)
         if cfg.tie_embeddings:
             return embed.attend(x).astype(jnp.float32)
-        return _dense(cfg, cfg.vocab_size, "lm_head")(x).astype(jnp.float32)
+        return _dense(cfg, cfg.vocab_size, "lm_head", ("embed", "vocab"))(x).astype(jnp.float32)
+
+
+LAYERS = "layers"  # the blocks' name: "layers_<i>" unrolled, "layers" stacked by scan_layers
+
+
+def _scan_body(block: LlamaBlock, x: Array, positions: Array, keep: Array | None):
+    return block(x, positions, keep), None
+
+
+def _scan(cfg: LlamaConfig):
+    """`nn.scan` over the blocks: "params" stacked on axis 0 (logical name "layers"), every other
+    variable collection broadcast (one shared value for all layers), rngs split per layer."""
+    return nn.scan(_scan_body, variable_axes={"params": 0}, variable_broadcast=DenyList("params"),
+                   split_rngs={"params": True, "dropout": True},
+                   in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                   metadata_params={nn.PARTITION_NAME: LAYERS})
+
+
+def stack_layers(variables: dict) -> dict:
+    """Converts unrolled blocks (`layers_0`, `layers_1`, ...) to the `scan_layers` layout.
+
+    Every "params" leaf under `layers_<i>` is stacked on a new leading axis under `layers`
+    (sharding boxes get the logical axis name "layers"). Other collections are broadcast by the
+    scan, so their per-layer values must be equal and are kept once.
+
+    Args:
+      variables: a variables dict (`{"params": ...}`, other collections allowed) or a bare
+        params dict, with blocks `layers_0` ... `layers_<n-1>`.
+
+    Returns:
+      The same kind of dict, blocks replaced by one `layers` entry.
+
+    Raises:
+      ValueError: the blocks are missing, not numbered 0 .. n-1, or differ in structure, or a
+        non-"params" collection holds different values for different layers.
+    """
+    bare = _is_bare(variables)
+    out = {}
+    for collection, tree in ({"params": variables} if bare else variables).items():
+        out[collection] = _stack_collection(collection, tree)
+    return out["params"] if bare else out
+
+
+def unstack_layers(variables: dict) -> dict:
+    """Converts the `scan_layers` layout back to unrolled blocks `layers_0`, `layers_1`, ...
+
+    The inverse of `stack_layers`: "params" leaves under `layers` are split along their
+    leading axis; other collections' `layers` entries are copied to every block.
+    """
+    bare = _is_bare(variables)
+    out = {}
+    for collection, tree in ({"params": variables} if bare else variables).items():
+        tree = dict(tree)
+        if LAYERS in tree:
+            stacked = tree.pop(LAYERS)
+            n = _num_stacked(stacked) if collection == "params" else None
+            if collection == "params":
+                tree |= {f"{LAYERS}_{i}": jax.tree.map(lambda v, i=i: _take(v, i), stacked,
+                                                       is_leaf=_is_box) for i in range(n)}
+            else:
+                tree |= {f"{LAYERS}_{i}": stacked for i in range(_count(variables, bare))}
+        out[collection] = tree
+    return out["params"] if bare else out
+
+
+def _is_bare(variables) -> bool:
+    return not ("params" in variables and isinstance(variables["params"], dict))
+
+
+def _is_box(v) -> bool:
+    return isinstance(v, meta.AxisMetadata)
+
+
+def _layer_keys(collection: str, tree: dict) -> list[str]:
+    keys = [k for k in tree if k.startswith(f"{LAYERS}_")]
+    suffixes = [k[len(LAYERS) + 1:] for k in keys]
+    numbers = sorted(int(n) for n in suffixes if n.isdigit())
+    _check(numbers == list(range(len(keys))), f"stack_layers: '{collection}' has blocks "
+           f"{sorted(keys)}; expected {LAYERS}_0 .. {LAYERS}_<n-1>.")
+    return [f"{LAYERS}_{i}" for i in numbers]
+
+
+def _stack_collection(collection: str, tree: dict) -> dict:
+    keys = _layer_keys(collection, tree)
+    if not keys:
+        return dict(tree)
+    flats = [traverse_util.flatten_dict(tree[k], sep="/") for k in keys]
+    for k, flat in zip(keys[1:], flats[1:], strict=True):
+        _check(set(flat) == set(flats[0]), f"stack_layers: '{collection}/{k}' has leaves "
+               f"{sorted(set(flat) ^ set(flats[0]))} that '{collection}/{keys[0]}' does not "
+               "share (or the reverse).")
+    stacked = {}
+    for path in flats[0]:
+        values = [flat[path] for flat in flats]
+        if collection == "params":
+            stacked[path] = _stack(values)
+        else:
+            same = all(np.array_equal(meta.unbox(v), meta.unbox(values[0])) for v in values)
+            _check(same, f"stack_layers: '{collection}/{LAYERS}_<i>/{path}' differs between "
+                   "layers, but the scan shares one value of it across all layers.")
+            stacked[path] = values[0]
+    rest = {k: v for k, v in tree.items() if k not in keys}
+    return rest | {LAYERS: traverse_util.unflatten_dict(stacked, sep="/")}
+
+
+def _stack(values: list):
+    if not _is_box(values[0]):
+        return jnp.stack(values)
+    box = values[0].replace_boxed(jnp.stack([meta.unbox(v) for v in values]))
+    return box.add_axis(0, {nn.PARTITION_NAME: LAYERS})
+
+
+def _take(v, i: int):
+    if not _is_box(v):
+        return v[i]
+    return v.replace_boxed(meta.unbox(v)[i]).remove_axis(0, {nn.PARTITION_NAME: LAYERS})
+
+
+def _num_stacked(stacked: dict) -> int:
+    leaves = jax.tree.leaves(meta.unbox(stacked))
+    _check(bool(leaves), f"unstack_layers: '{LAYERS}' holds no arrays.")
+    return int(jnp.shape(leaves[0])[0])
+
+
+def _count(variables: dict, bare: bool) -> int:
+    params = variables if bare else variables["params"]
+    _check(LAYERS in params, f"unstack_layers: no stacked 'params/{LAYERS}' to count layers from.")
+    return _num_stacked(params[LAYERS])
 
 
 def causal_lm_loss(logits: Array, targets: Array, mask: Array | None = None) -> Array:

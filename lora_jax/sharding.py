@@ -1,0 +1,407 @@
+"""Shardings for LoRA trees: adapter specs derived from their kernel's, and mesh helpers.
+
+An adapter must be sharded consistently with the kernel it adapts: for a kernel of shape
+(batch..., in..., out...) with spec (b..., i..., o...), A (batch..., in..., rank) gets
+(b..., i..., None) and B (batch..., rank, out...) gets (b..., None, o...): the rank axis is
+replicated, so ``x @ A`` lands sharded like the kernel's input side and ``(x @ A) @ B`` like
+its output side, and the merged ``A @ B`` is sharded exactly like the kernel. The "lora"
+collection (scales, markers) is replicated.
+
+Specs are given for the base only, in one of two spellings:
+- mesh-axis `PartitionSpec`s (or `NamedSharding`s), a tree like the pretrained params;
+- Flax logical axis names, from `nn.with_logical_partitioning` boxes on the params (the LoRA
+  wrapper boxes adapters alike) or a tree of logical `PartitionSpec`s, plus logical axis
+  `rules` mapping them to mesh axes, e.g. ``(("batch", "data"), ("embed", "fsdp"),
+  ("heads", "model"), ("mlp", "model"))``.
+
+`param_shardings` turns either into a `NamedSharding` per leaf, checking the mesh axes and
+that every sharded dimension divides evenly; `shard` places a tree on the mesh, on one host
+or many.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from flax import traverse_util
+from flax.core import meta
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from lora_jax.config import A_SUFFIX, B_SUFFIX, LORA
+from lora_jax.tree import Tree, is_adapter
+
+MeshAxes = str | tuple[str, ...] | None
+Rules = Sequence[tuple[str, MeshAxes]]
+_MAX_LISTED = 10
+
+
+def unbox(tree: Any) -> Any:
+    """The tree with every sharding box (`nn.Partitioned`, ...) replaced by its value.
+
+    Unlike `flax.core.meta.unbox` this never adds a sharding constraint.
+    """
+    return jax.tree.map(_value, tree, is_leaf=_is_box)
+
+
+def rebox(boxed: Any, values: Any) -> Any:
+    """Puts `values` (a tree shaped like `unbox(boxed)`) back into the boxes of `boxed`.
+
+    Leaves whose value is unchanged come back as the very same objects.
+    """
+    return jax.tree.map(_rebox_leaf, boxed, values, is_leaf=_is_box)
+
+
+def auto_mesh(mesh: Mesh) -> Mesh:
+    """The mesh with every axis in `AxisType.Auto` mode (GSPMD sharding propagation).
+
+    `jax.make_mesh` makes Explicit axes by default, under which unmodified model code (an
+    embedding lookup, a contraction over a sharded axis) needs explicit output shardings;
+    lora_jax shards the inputs and outputs of a step and lets XLA propagate the rest.
+    """
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh (e.g. jax.make_mesh((2, 4), "
+                        f"('data', 'model'))), got {type(mesh).__name__}.")
+    if all(t == AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * mesh.devices.ndim)
+
+
+def partition_specs(params: Tree, specs: Tree | None = None) -> dict:
+    """A `PartitionSpec` for every leaf of a LoRA variables tree.
+
+    Args:
+      params: the variables dict that `lora_jax.init` returns (arrays, boxes or
+        `jax.ShapeDtypeStruct`s).
+      specs: the base's specs: a tree of `PartitionSpec` / `NamedSharding` / None (replicated)
+        shaped like the pretrained variables (`{"params": ...}`) or the bare params dict.
+        Entries for adapters and the "lora" collection may be left out. None reads the
+        specs from the sharding boxes in `params` (unboxed leaves are replicated).
+
+    Returns:
+      A tree shaped like `unbox(params)` with a `PartitionSpec` per leaf, in the spelling of
+      the input (mesh axes, or logical axis names). Adapters get their kernel's spec with the
+      rank axis None; the "lora" collection is replicated.
+
+    Raises:
+      ValueError: a base leaf has no spec, a spec names a leaf that `params` lacks or has more
+        axes than its leaf, or an adapter's own spec or box disagrees with its kernel's.
+    """
+    flat = _flat(params)
+    given = _given(specs, flat) if specs is not None else {
+        k: _box_spec(v)
+        for k, v in flat.items()
+        if not is_adapter(k) or isinstance(v, meta.Partitioned)
+    }
+    missing = [k for k in flat if k not in given and not _is_lora(k)]
+    _raise_listed("has no sharding spec (give one for every base leaf)", missing)
+    out = {k: (PartitionSpec() if k.startswith(LORA + "/") else _padded(k, flat[k], given[k]))
+           for k in flat if not is_adapter(k)}
+    problems = []
+    for path in (k for k in flat if is_adapter(k)):
+        out[path] = _adapter_spec(path, flat, out)
+        own = given.get(path)
+        if own is not None and _padded(path, flat[path], own) != out[path]:
+            problems.append(f"Adapter '{path}' has spec {own} but its kernel's spec "
+                            f"{out[_kernel(path)]} gives {out[path]}.")
+    _raise(problems)
+    return traverse_util.unflatten_dict(out, sep="/")
+
+
+def param_shardings(
+    params: Tree, mesh: Mesh, specs: Tree | None = None, *, rules: Rules | None = None
+) -> dict:
+    """A `NamedSharding` on `mesh` for every leaf of a LoRA variables tree.
+
+    Args:
+      params: the variables dict that `lora_jax.init` returns.
+      mesh: the device mesh.
+      specs: the base's specs as for `partition_specs` (None: from the boxes in `params`, or
+        all replicated when there are none).
+      rules: logical axis rules ``((logical_name, mesh_axes), ...)``; when given, the specs
+        hold logical axis names (mapped as `flax.linen.logical_to_mesh_axes` does: unmapped
+        names are replicated); otherwise they hold mesh axis names.
+
+    Returns:
+      A tree shaped like `unbox(params)` with a `NamedSharding` per leaf.
+
+    Raises:
+      ValueError: as `partition_specs`; a rule or spec names an axis the mesh lacks; a sharded
+        dimension does not divide evenly over its mesh axes.
+    """
+    mesh = auto_mesh(mesh)
+    flat_specs = _flat(partition_specs(params, specs))
+    if rules is not None:
+        check_rules(rules, mesh)
+        flat_specs = {k: to_mesh_spec(s, rules) for k, s in flat_specs.items()}
+    unknown = sorted({a for s in flat_specs.values() for a in _spec_axes(s)
+                      if a not in mesh.axis_names})
+    if unknown:
+        example = next(f"'{k}' {s}" for k, s in flat_specs.items()
+                       if set(_spec_axes(s)) & set(unknown))
+        raise ValueError(
+            f"The specs name mesh axes {unknown} that the mesh lacks (its axes are "
+            f"{tuple(mesh.axis_names)}), e.g. leaf {example}. "
+            + ("Fix the rules." if rules is not None else "Logical axis names (e.g. from "
+               "nn.with_logical_partitioning) need rules= to map them to mesh axes."))
+    shapes = {k: shape_of(v) for k, v in _flat(params).items()}
+    _raise([p for k, s in flat_specs.items() for p in _spec_problems(f"Leaf '{k}'", shapes[k], s,
+                                                                      mesh)])
+    return traverse_util.unflatten_dict(
+        {k: NamedSharding(mesh, s) for k, s in flat_specs.items()}, sep="/")
+
+
+def check_rules(rules: Rules, mesh: Mesh) -> None:
+    """Raises unless every rule is (logical name, mesh axes) naming axes of `mesh`."""
+    if isinstance(rules, (str, Mapping)) or not isinstance(rules, Sequence):
+        raise TypeError(f"rules must be a sequence of (logical_name, mesh_axes) pairs, got "
+                        f"{rules!r}.")
+    problems = []
+    for rule in rules:
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+            raise TypeError(f"Each logical axis rule must be (logical_name, mesh_axes), got "
+                            f"{rule!r}.")
+        for axis in _axes(rule[1]):
+            if axis not in mesh.axis_names:
+                problems.append(f"Logical axis rule {tuple(rule)!r} maps to mesh axis {axis!r}, "
+                                f"but the mesh's axes are {tuple(mesh.axis_names)}.")
+    _raise(problems)
+
+
+def to_mesh_spec(spec: PartitionSpec, rules: Rules) -> PartitionSpec:
+    """Maps a spec of logical axis names to mesh axes with `rules` (unmapped: replicated)."""
+    return PartitionSpec(*nn.logical_to_mesh_axes(tuple(spec), rules))
+
+
+def batch_sharding(
+    mesh: Mesh, spec: PartitionSpec | NamedSharding | None = None, *, rules: Rules | None = None
+) -> NamedSharding:
+    """The sharding of every batch leaf.
+
+    Args:
+      mesh: the device mesh.
+      spec: a mesh-axis `PartitionSpec` (or `NamedSharding`) applied to every batch leaf, e.g.
+        ``PartitionSpec("data")`` to split the leading (example) axis. None: the leading axis
+        goes where `rules` map the logical axis "batch", else over the mesh axis "data".
+
+    Raises:
+      ValueError: no spec can be derived, or it names an axis the mesh lacks.
+    """
+    mesh = auto_mesh(mesh)
+    if isinstance(spec, NamedSharding):
+        spec = spec.spec
+    if spec is None:
+        mapped = dict(rules or ()).get("batch")
+        if mapped is None and "data" not in mesh.axis_names:
+            raise ValueError(
+                f"No batch sharding: the rules map no logical axis 'batch' and the mesh "
+                f"{dict(mesh.shape)} has no axis 'data'. Pass batch_sharding=PartitionSpec(...).")
+        spec = PartitionSpec("data" if mapped is None else mapped)
+    if not isinstance(spec, PartitionSpec):
+        raise TypeError(f"batch_sharding must be a PartitionSpec or NamedSharding, got {spec!r}.")
+    _raise([f"batch_sharding {spec} names mesh axis {a!r}, but the mesh's axes are "
+            f"{tuple(mesh.axis_names)}." for a in _spec_axes(spec) if a not in mesh.axis_names])
+    return NamedSharding(mesh, spec)
+
+
+def shard(tree: Any, shardings: Any) -> Any:
+    """Places every array of `tree` with its sharding; boxes are kept.
+
+    Arrays already placed so are returned as they are. A host value (NumPy, or a
+    single-device array) must be the same in every process: each process copies out the
+    shards its devices hold, so this works on many hosts.
+
+    Args:
+      tree: a pytree of arrays (sharding boxes allowed).
+      shardings: a tree of `jax.sharding.Sharding`, shaped like `unbox(tree)`.
+    """
+    return rebox(tree, jax.tree.map(_put, unbox(tree), shardings))
+
+
+def shard_batch(batch: Any, sharding: NamedSharding) -> Any:
+    """Places a batch: every leaf with `sharding`, checking that it divides evenly.
+
+    A `jax.Array` that spans every process is taken as the global batch; any other leaf
+    (NumPy, or an array on this process's devices) holds this process's rows, which is the
+    whole batch in a single process (`jax.make_array_from_process_local_data`).
+    """
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(batch)
+    many = jax.process_count() > 1
+    problems = [
+        p
+        for key, leaf in leaves
+        if not many or (isinstance(leaf, jax.Array) and not leaf.is_fully_addressable)
+        for p in _spec_problems(f"Batch leaf '{_keystr(key)}'", np.shape(leaf), sharding.spec,
+                                sharding.mesh)
+    ]
+    _raise(problems)
+    return jax.tree_util.tree_unflatten(treedef, [_put_rows(_keystr(k), v, sharding)
+                                                  for k, v in leaves])
+
+
+def used_axes(shardings: Any) -> set[str]:
+    """The mesh axes that any `NamedSharding` in a tree shards over."""
+    return {a for s in jax.tree.leaves(shardings) for a in _spec_axes(s.spec)}
+
+
+def rule_axes(rules: Rules) -> set[str]:
+    """The mesh axes that logical axis rules map to."""
+    return {a for _, axes in rules for a in _axes(axes)}
+
+
+def shape_of(v) -> tuple[int, ...]:
+    """The shape of an array, `jax.ShapeDtypeStruct` or sharding box."""
+    v = _value(v)
+    return tuple(v.shape) if hasattr(v, "shape") else np.shape(v)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _is_box(x) -> bool:
+    return isinstance(x, meta.AxisMetadata)
+
+
+def _value(x):
+    if isinstance(x, meta.Partitioned):
+        return x.value
+    return x.unbox() if _is_box(x) else x
+
+
+def _rebox_leaf(boxed, value):
+    if _value(boxed) is value:
+        return boxed
+    return boxed.replace_boxed(value) if _is_box(boxed) else value
+
+
+def _flat(tree) -> dict[str, Any]:
+    if not isinstance(tree, Mapping):
+        raise TypeError(f"Expected a dict of variables, got {type(tree).__name__}.")
+    return traverse_util.flatten_dict(tree, sep="/")
+
+
+def _is_lora(path: str) -> bool:
+    return is_adapter(path) or path.startswith(LORA + "/")
+
+
+def _kernel(adapter_path: str) -> str:
+    return adapter_path[: -len(A_SUFFIX if adapter_path.endswith(A_SUFFIX) else B_SUFFIX)]
+
+
+def _box_spec(v) -> PartitionSpec:
+    return PartitionSpec(*v.names) if isinstance(v, meta.Partitioned) else PartitionSpec()
+
+
+def _as_spec(path: str, s) -> PartitionSpec:
+    if s is None:
+        return PartitionSpec()
+    if isinstance(s, NamedSharding):
+        return s.spec
+    if isinstance(s, PartitionSpec):
+        return s
+    raise TypeError(f"Spec of '{path}' must be a PartitionSpec, NamedSharding or None, got {s!r}.")
+
+
+def _given(specs: Tree, flat: Mapping[str, Any]) -> dict[str, PartitionSpec]:
+    """The user's base specs by full variables path ("params/..." added to a bare tree)."""
+    given = _flat(specs)
+    collections = {k.split("/", 1)[0] for k in flat}
+    if not {k.split("/", 1)[0] for k in given} <= collections:
+        given = {f"params/{k}": v for k, v in given.items()}
+    unknown = [k for k in given if k not in flat]
+    _raise_listed("has a sharding spec but is not a leaf of the params", unknown)
+    return {k: _as_spec(k, v) for k, v in given.items()}
+
+
+def _padded(path: str, leaf, spec: PartitionSpec) -> PartitionSpec:
+    ndim = len(shape_of(leaf))
+    if len(spec) > ndim:
+        raise ValueError(f"Leaf '{path}' has {ndim} axes (shape {shape_of(leaf)}) but its spec "
+                         f"{spec} names {len(spec)}.")
+    return PartitionSpec(*spec, *(None,) * (ndim - len(spec)))
+
+
+def _adapter_spec(path: str, flat: Mapping[str, Any], specs: Mapping[str, PartitionSpec]):
+    w_path = _kernel(path)
+    for p in (w_path, w_path + A_SUFFIX, w_path + B_SUFFIX):
+        if p not in flat:
+            raise ValueError(f"Adapter '{path}' has no '{p}' to take its sharding from.")
+    w, a, b = (shape_of(flat[p]) for p in (w_path, w_path + A_SUFFIX, w_path + B_SUFFIX))
+    n_batch, cut = len(a) + len(b) - 2 - len(w), len(a) - 1  # A: (batch..., in..., rank)
+    if not (0 <= n_batch < min(len(a), len(b)) and a[:-1] + b[n_batch + 1 :] == w):
+        raise ValueError(f"Adapter of '{w_path}' does not fit it: parameter shape {w}, A shape "
+                         f"{a}, B shape {b}; expected A (batch..., in..., rank) and B "
+                         "(batch..., rank, out...).")
+    w_spec = tuple(specs[w_path])
+    if path.endswith(A_SUFFIX):
+        return PartitionSpec(*w_spec[:cut], None)
+    return PartitionSpec(*w_spec[:n_batch], None, *w_spec[cut:])
+
+
+def _axes(entry: MeshAxes) -> tuple[str, ...]:
+    if entry is None or entry is PartitionSpec.UNCONSTRAINED:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _spec_axes(spec: PartitionSpec) -> list[str]:
+    return [a for entry in spec for a in _axes(entry)]
+
+
+def _spec_problems(what: str, shape, spec: PartitionSpec, mesh: Mesh) -> list[str]:
+    """What keeps an array of `shape` from being sharded with `spec` (axes of `mesh`)."""
+    problems = []
+    if len(spec) > len(shape):
+        return [f"{what} has shape {tuple(shape)} but its spec {spec} names {len(spec)} axes."]
+    for dim, entry in enumerate(spec):
+        axes = _axes(entry)
+        n = int(np.prod([mesh.shape[a] for a in axes]))
+        if shape[dim] % n:
+            problems.append(
+                f"{what} has shape {tuple(shape)}: dimension {dim} ({shape[dim]}) is not "
+                f"divisible by the {n} devices of mesh axes {axes} (spec {spec}).")
+    return problems
+
+
+def _keystr(key) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in key) or "batch"
+
+
+def _put_rows(path: str, leaf, sharding: NamedSharding):
+    """A global array from a batch leaf: a global jax.Array as is, else this process's rows."""
+    if isinstance(leaf, jax.Array) and (jax.process_count() == 1 or not leaf.is_fully_addressable):
+        return _put(leaf, sharding)
+    try:
+        return jax.make_array_from_process_local_data(sharding, np.asarray(leaf))
+    except ValueError as e:
+        raise ValueError(f"Batch leaf '{path}' (this process's rows, shape {np.shape(leaf)}) "
+                         f"does not split over batch_sharding {sharding.spec} on mesh "
+                         f"{dict(sharding.mesh.shape)}: {e}") from None
+
+
+def _put(x, sharding):
+    if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+        return x
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        impl = jax.random.key_impl(x)
+        return jax.random.wrap_key_data(_put(jax.random.key_data(x), sharding), impl=impl)
+    if sharding.is_fully_addressable or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+        return jax.device_put(x, sharding)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def _raise(problems: list[str]) -> None:
+    if problems:
+        more = len(problems) - _MAX_LISTED
+        listed = "\n  ".join(problems[:_MAX_LISTED]) + (
+            f"\n  ... and {more} more." if more > 0 else "")
+        raise ValueError(problems[0] if len(problems) == 1 else
+                         f"{len(problems)} sharding problems:\n  {listed}")
+
+
+def _raise_listed(what: str, paths: list[str]) -> None:
+    _raise([f"Leaf '{p}' {what}." for p in paths])
