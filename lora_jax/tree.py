@@ -182,16 +182,25 @@ def _merged(flat: Mapping[str, Any], w_path: str, requantize: bool):
     w, a, b = (meta.unbox(flat[p]) for p in (w_path, w_path + A_SUFFIX, w_path + B_SUFFIX))
     _check_adapter(w_path, w.shape, a.shape, b.shape)
     f32 = jnp.float32
-    delta = delta_weight(a.astype(f32), b.astype(f32), w.ndim)
-    delta = meta.unbox(flat[scale_path]).astype(f32) * delta
+    scale = meta.unbox(flat[scale_path])
     if not quant.is_quantized(w):
-        return _reboxed(boxed, (w.astype(f32) + delta).astype(w.dtype)), None
+        return _reboxed(boxed, _fold(w, a, b, scale)), None
+    delta = scale.astype(f32) * delta_weight(a.astype(f32), b.astype(f32), w.ndim)
     merged = quant.dequantize(w, f32) + delta
     if not requantize:
         return _reboxed(boxed, merged.astype(w.dtype)), None
     again = quant.requantize_like(merged, w)
     error = jnp.linalg.norm(quant.dequantize(again, f32) - merged) / jnp.linalg.norm(delta)
     return _reboxed(boxed, again), error
+
+
+@jax.jit
+def _fold(w: Array, a: Array, b: Array, scale: Array) -> Array:
+    """``W + scale * A @ B`` in float32, cast back to W's dtype: one compiled call per kernel
+    shape (eagerly, the four ops would each dispatch on their own)."""
+    f32 = jnp.float32
+    delta = delta_weight(a.astype(f32), b.astype(f32), w.ndim)
+    return (w.astype(f32) + scale.astype(f32) * delta).astype(w.dtype)
 
 
 @dataclasses.dataclass(frozen=True)

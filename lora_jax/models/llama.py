@@ -56,6 +56,9 @@ class LlamaConfig:
       logical_axes: annotate the parameters with logical axis names (see the module docstring).
       scan_layers: run the blocks with `nn.scan`, parameters stacked on a leading layer axis.
       remat: rematerialize each block's activations in the backward pass (`nn.remat`).
+      attention: `jax.nn.dot_product_attention`'s implementation: None (JAX's choice, the
+        XLA path), "xla" or "cudnn" (fused flash attention on NVIDIA GPUs, bf16/fp16; needed
+        for long sequences, where the XLA path keeps the full score matrix for the backward).
     """
 
     vocab_size: int
@@ -74,6 +77,7 @@ class LlamaConfig:
     logical_axes: bool = False
     scan_layers: bool = False
     remat: bool = False
+    attention: str | None = None
 
     def __post_init__(self):
         number = lambda v, t: isinstance(v, t) and not isinstance(v, bool) and v > 0
@@ -105,6 +109,8 @@ class LlamaConfig:
         for name in ("logical_axes", "scan_layers", "remat"):
             v = getattr(self, name)
             _check(isinstance(v, bool), f"LlamaConfig.{name} must be a bool, got {v!r}.")
+        _check(self.attention in (None, "xla", "cudnn"), "LlamaConfig.attention must be None, "
+               f"'xla' or 'cudnn', got {self.attention!r}.")
 
     @classmethod
     def tiny(cls, **overrides: Any) -> LlamaConfig:
@@ -221,7 +227,9 @@ class LlamaAttention(nn.Module):
         v = heads("v_proj", cfg.num_kv_heads, "kv_heads")
         # Query head i reads K/V head i // (num_heads // num_kv_heads), as HF's repeat_kv does.
         mask = None if keep is None else keep[:, None, None, :]  # (batch, 1, 1, keys)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+        out = jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=True, implementation=cfg.attention
+        )
         return _dense(cfg, cfg.hidden_size, "o_proj", ("heads", "embed"))(out.reshape(b, s, -1))
 
 
