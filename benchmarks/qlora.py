@@ -8,7 +8,8 @@ and reports: bytes of the frozen parameters and bits per quantized weight; the c
 memory (memory_analysis: arguments, temporaries, outputs); the median step time over 5 runs
 after a warm-up. Ratios are to `lora`, taken in one run.
 
-Run: python benchmarks/qlora.py [--hidden 512] [--layers 4] [--batch 4] [--seq 128] [--json PATH]
+Run: python benchmarks/qlora.py [--hidden 512] [--layers 4] [--batch 4] [--seq 128] [--dtype bfloat16]
+                                [--scan] [--json PATH]
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ def main(argv=None):
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--dtype", default="bfloat16", help="model compute and storage dtype")
+    p.add_argument("--scan", action="store_true", help="layers under nn.scan (scan_layers=True)")
     p.add_argument("--no-qwix", action="store_true")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
@@ -152,6 +154,7 @@ def main(argv=None):
         vocab_size=1024,
         dtype=args.dtype,
         param_dtype=args.dtype,
+        scan_layers=args.scan,
     )
     model = Llama(cfg)
     batch = jax.random.randint(jax.random.key(0), (args.batch, args.seq + 1), 0, cfg.vocab_size)
@@ -171,7 +174,8 @@ def main(argv=None):
         "machine": platform.node(),
         "backend": jax.default_backend(),
         "jax": jax.__version__,
-        "config": vars(args) | {"params": cfg.num_params(), "bf16_model_mb": nbytes(base) / 2**20},
+        "config": {k: v for k, v in vars(args).items() if k != "json"}
+        | {"params": cfg.num_params(), "base_model_mb": nbytes(base) / 2**20},
         "results": results,
     }
     print(markdown(report))
@@ -186,7 +190,7 @@ def markdown(report) -> str:
     cfg = report["config"]
     lines = [
         f"QLoRA vs LoRA — {cfg['params']:,} params, {cfg['layers']} layers, hidden {cfg['hidden']}, "
-        f"batch {cfg['batch']}x{cfg['seq']}, rank {cfg['rank']}, all linear layers, {cfg['dtype']}; "
+        f"batch {cfg['batch']}x{cfg['seq']}, rank {cfg['rank']}, all linear layers, {cfg['dtype']}{', nn.scan' if cfg['scan'] else ''}; "
         f"backend {report['backend']}, jax {report['jax']}",
         "",
         "| case | frozen MB | bits/quantized weight | args MB | temp MB | step ms | frozen / lora | temp / lora | time / lora |",
