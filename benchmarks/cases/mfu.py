@@ -1,0 +1,134 @@
+"""Model FLOPs utilization of the LoRA step, and tokens/s against PEFT at the same config.
+
+The LoRA step (all linear layers of the blocks, rank 16, bf16 model, AdamW) on the size's
+model and batch (on GPU: Llama-3-8B shapes, 1 x 4096 tokens, chunked cross-entropy).
+Model FLOPs per token, with no rematerialization counted:
+  frozen matmuls   4 N     (2N forward + 2N activation gradient; no weight gradient), N = the
+                           kernels of the blocks and the output head
+  adapters         6 r (K + N) per adapted K x N kernel (forward, input and weight gradients)
+  attention        6 s d   per layer (QK^T and AV: 4 s d forward, twice that backward, halved
+                           by the causal mask), d = heads x head_dim, s = sequence length
+MFU = model FLOPs per token x tokens/s / the chip's dense bf16 peak (nominal, and the
+measured ~800 TFLOP/s of a bf16 matmul on the lent H100s).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from benchmarks import common as c
+from benchmarks.cases import finetune, peers
+from lora_jax.models import Llama
+
+TITLE = "MFU of the LoRA step and tokens/s vs PEFT"
+MEASURED_PEAK = 800e12  # bf16 matmul measured on the lent H100s
+MFU_GOAL, MFU_STRETCH, PEFT_GOAL = 0.40, 0.50, 1.3
+
+
+def model_flops_per_token(sz: c.Size, targets=c.ALL_LINEAR) -> dict:
+    """The model FLOPs of one LoRA training token, by part (see the module docstring)."""
+    m = sz.model
+    h, hd, i = m.hidden_size, m.head_dim, m.intermediate_size
+    kernels = {  # name -> (K, N) of one layer's kernel
+        "q_proj": (h, m.num_heads * hd), "k_proj": (h, m.num_kv_heads * hd),
+        "v_proj": (h, m.num_kv_heads * hd), "o_proj": (m.num_heads * hd, h),
+        "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+    }
+    n = m.num_layers * sum(k * o for k, o in kernels.values()) + h * m.vocab_size
+    adapters = m.num_layers * sum(6 * sz.rank * (k + o) for name, (k, o) in kernels.items()
+                                  if name in targets)
+    attention = m.num_layers * 6 * sz.seq * m.num_heads * hd
+    return {"frozen": 4 * n, "adapters": adapters, "attention": attention,
+            "total": 4 * n + adapters + attention, "n_matmul": n}
+
+
+def run(ctx: c.Context, *, peft: bool | None = None, remat: bool = False) -> dict:
+    import jax
+
+    sz = ctx.size
+    if remat:
+        if "remat" not in {f.name for f in dataclasses.fields(sz.model)}:
+            raise ValueError("This LlamaConfig has no `remat` option.")
+        sz = dataclasses.replace(sz, model=dataclasses.replace(sz.model, remat=True))
+    # PEFT first, in its child process, while this process holds no large GPU buffers (JAX's
+    # allocator keeps what it once took, so the other order could starve the child).
+    peft = jax.default_backend() == "gpu" if peft is None else peft
+    if peft:
+        ctx.log("  PEFT at the same config (child process)")
+        p = peers.peft_row(dataclasses.replace(ctx, size=sz), None)
+    else:
+        p = {"skipped": "PEFT runs on GPU (or with --peft)"}
+    model = Llama(sz.model)
+    batch = c.tokens(sz)
+    ctx.log("  initializing the base")
+    base = c.init_base(model, batch)
+    ctx.log("  compiling the LoRA step")
+    lora_model, params = finetune.lora_setup(model, base, batch, c.ALL_LINEAR, sz.rank)
+    del base
+    step, figures = finetune.lora_step(lora_model, params, batch, c.loss_for(sz))
+    del params
+    ctx.log("  timing")
+    times = c.time_steps({"lora": step}, ctx.runs)["lora"]
+    del step
+    tokens_per_s = sz.tokens / (times["ms"] / 1e3)
+    flops = model_flops_per_token(sz)
+    device = jax.devices()[0].device_kind
+    peak = c.peak_flops(device)
+    row = {
+        **figures, **times, "tokens_per_s": tokens_per_s, "flops_per_token": flops,
+        "model_tflops_per_s": flops["total"] * tokens_per_s / 1e12,
+        "xla_tflops_per_s": figures["flops"] / (times["ms"] / 1e3) / 1e12,
+        "peak_tflops": None if peak is None else peak / 1e12,
+        "mfu": None if peak is None else flops["total"] * tokens_per_s / peak,
+        "mfu_measured_peak": (flops["total"] * tokens_per_s / MEASURED_PEAK
+                              if jax.default_backend() == "gpu" else None),
+        "remat": remat, "chunked_loss": sz.chunked_loss,
+    }
+    if "skipped" not in p:
+        p["time_vs_lora_jax"] = c.ratio(p["ms"], times["ms"])
+        p["lora_jax_speedup"] = c.ratio(tokens_per_s, p["tokens_per_s"])
+    return {"title": TITLE, "size": sz.describe(), "device": device, "lora": row, "peft": p}
+
+
+def markdown(result: dict) -> str:
+    r, p = result["lora"], result["peft"]
+    f = r["flops_per_token"]
+    mfu = r["mfu"]
+    pct = lambda v: "–" if v is None else f"{v:.1%}"  # noqa: E731
+    verdict = "–" if mfu is None else (
+        f"{'met' if mfu >= MFU_GOAL else 'missed'} (goal {MFU_GOAL:.0%}, stretch {MFU_STRETCH:.0%})")
+    out = [
+        f"**{TITLE}** — {result['size']}, on {result['device']}"
+        + (", block remat" if r["remat"] else "")
+        + (f", cross-entropy in chunks of {r['chunked_loss']} tokens" if r["chunked_loss"] else ""),
+        "",
+        "| | value |",
+        "|---|---|",
+        f"| step ms | {c.fmt(r['ms'])} |",
+        f"| tokens/s | {c.fmt(r['tokens_per_s'], 0)} |",
+        f"| model GFLOP per token (frozen 4N + adapters + attention) | {c.fmt(f['total'] / 1e9)} "
+        f"({c.fmt(f['frozen'] / 1e9)} + {c.fmt(f['adapters'] / 1e9)} + {c.fmt(f['attention'] / 1e9)}) |",
+        f"| model TFLOP/s | {c.fmt(r['model_tflops_per_s'], 1)} |",
+        f"| XLA-counted TFLOP/s (cost_analysis) | {c.fmt(r['xla_tflops_per_s'], 1)} |",
+        f"| MFU vs nominal peak ({c.fmt(r['peak_tflops'], 0)} TFLOP/s) | {pct(mfu)} {verdict} |",
+        f"| MFU vs measured ~800 TFLOP/s | {pct(r['mfu_measured_peak'])} |",
+        f"| compiled peak memory GB | {c.fmt(r['peak_bytes'] / 1e9)} |",
+    ]
+    if "skipped" in p:
+        out.append(f"| PEFT tokens/s | {p['skipped']} |")
+    else:
+        speedup = p["lora_jax_speedup"]
+        out += [
+            f"| PEFT {p['peft']} (torch {p['torch']}) tokens/s | {c.fmt(p['tokens_per_s'], 0)} |",
+            f"| lora_jax / PEFT tokens/s | {c.fmt(speedup)} "
+            f"({'met' if speedup and speedup >= PEFT_GOAL else 'missed'}, goal {PEFT_GOAL}) |",
+        ]
+    return "\n".join(out)
+
+
+def bars(result: dict):
+    r, p = result["lora"], result["peft"]
+    return [
+        ("MFU (nominal peak)", r["mfu"], MFU_GOAL),
+        ("lora_jax / PEFT tokens/s", p.get("lora_jax_speedup"), PEFT_GOAL),
+    ]

@@ -1,0 +1,48 @@
+"""The benchmark suite still runs: `python -m benchmarks.run --quick` on the smallest size.
+
+A smoke test, not a timed test: no figure is asserted, only that every case produced its
+tables, the JSON and the plots. XLA's backend optimizations are turned down for this run
+(compile time dominates on the tiny model), which changes speed, never what is computed.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CASES = ("finetune", "quantized", "merge", "peers")
+
+
+def test_quick_suite_runs(tmp_path):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "")
+        + " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    ).strip()
+    out, img = tmp_path / "results", tmp_path / "img"
+    cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--size", "test", "--out", str(out),
+           "--plots", str(img), "--name", "smoke", "--no-peft"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    report = json.loads((out / "smoke.json").read_text())
+    assert report["mode"] == "quick" and report["machine"]["jax"]
+    cases = report["sizes"]["test"]
+    assert sorted(cases) == sorted(CASES)
+    for name, result in cases.items():
+        assert "error" not in result, f"{name}: {result.get('error')}"
+    rows = cases["finetune"]["rows"]
+    assert {"full", "lora_qv", "lora_all", "whole_tree", "whole_nodon"} <= set(rows)
+    assert all(r["ms"] > 0 and len(r["ms_all"]) >= 5 for r in rows.values())
+    # A peer that is not installed still has its row, saying so.
+    assert set(cases["peers"]["qwix"]) == {"lora_jax LoRA", "qwix LoRA", "lora_jax QLoRA", "qwix QLoRA"}
+    assert "skipped" in cases["peers"]["peft"]
+
+    table = (out / "smoke.md").read_text()
+    for title in ("LoRA vs full fine-tuning", "Trainable subtree vs whole tree", "QLoRA vs bf16 LoRA",
+                  "merge() throughput", "Peers"):
+        assert title in table
+    pngs = sorted(p.name for p in img.glob("*.png"))
+    assert len(pngs) == 5, pngs  # finetune, subtree, quantized, merge, peers
