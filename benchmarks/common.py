@@ -32,6 +32,30 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 MIN_RUNS = 5
 
 
+# --------------------------------------------------------------------------- attention
+
+ATTENTION = ("cudnn", "xla")
+
+
+def default_attention() -> str:
+    """`--attention`'s default: cuDNN's fused attention on GPU, XLA's everywhere else."""
+    return "cudnn" if jax.default_backend() == "gpu" else "xla"
+
+
+def with_attention(model: LlamaConfig, attention: str) -> LlamaConfig:
+    """`model` with `LlamaConfig.attention` set for the suite's `attention` ("cudnn" or "xla").
+
+    "cudnn" (the fused flash kernel, as PyTorch's SDPA uses; needed at long sequences, where
+    XLA's attention keeps the (batch, heads, seq, seq) scores for the backward pass) applies to
+    bfloat16/float16 models only, so a float32 model gets "xla" whatever was asked.
+    """
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}.")
+    half = jnp.dtype(model.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    impl = "cudnn" if attention == "cudnn" and half else "xla"
+    return model if model.attention == impl else dataclasses.replace(model, attention=impl)
+
+
 # --------------------------------------------------------------------------- sizes
 
 
@@ -46,6 +70,13 @@ class Size:
     rank: int = 16
     chunked_loss: int | None = None  # tokens per cross-entropy chunk; None: whole logits
     note: str = ""
+    # The attention asked for (`--attention`): "cudnn" or "xla". The model gets it through
+    # `LlamaConfig.attention` where it applies (see `with_attention`), here and in every
+    # `dataclasses.replace` of the size (the quantized case's bf16 copy, the mfu case's remat).
+    attention: str = "xla"
+
+    def __post_init__(self):
+        object.__setattr__(self, "model", with_attention(self.model, self.attention))
 
     @property
     def tokens(self) -> int:
@@ -58,6 +89,7 @@ class Size:
             f"{m.hidden_size}, mlp {m.intermediate_size}, heads {m.num_heads}/{m.num_kv_heads}, vocab "
             f"{m.vocab_size}, {jnp.dtype(m.dtype).name}), batch {self.batch} x {self.seq} tokens, "
             f"LoRA rank {self.rank}"
+            + (", cuDNN attention" if m.attention == "cudnn" else "")
         )
 
 
@@ -81,7 +113,7 @@ SIZES: dict[str, Callable[[], Size]] = {
 
 
 def size(name: str, **overrides: Any) -> Size:
-    """The named size, with `Size` fields (batch, seq, rank, ...) overridden."""
+    """The named size, with `Size` fields (batch, seq, rank, attention, ...) overridden."""
     if name not in SIZES:
         raise ValueError(f"Unknown size {name!r}; known: {sorted(SIZES)}.")
     return dataclasses.replace(SIZES[name](), **{k: v for k, v in overrides.items() if v is not None})
@@ -364,33 +396,3 @@ def fmt(value, digits: int = 2, missing: str = "–") -> str:
 
 def mb(n) -> float | None:
     return None if n is None else n / 2**20
-
-
-# --------------------------------------------------------------------------- attention
-
-
-def use_fused_attention() -> bool:
-    """Routes `jax.nn.dot_product_attention` to cuDNN's fused (flash) kernel for bf16/fp16.
-
-    The reference model calls `jax.nn.dot_product_attention` without `implementation`, which
-    means XLA's unfused attention: (batch, heads, seq, seq) scores in memory, kept for the
-    backward pass — at 4096 tokens more than a GPU holds for a 32-layer model, and far slower
-    than the fused kernel that PyTorch's SDPA uses. Until the model takes an attention option,
-    the suite sets `implementation="cudnn"` for half-precision inputs on GPU here (the call
-    site is looked up at trace time, so the model picks it up unchanged). Returns whether it
-    is on.
-    """
-    if jax.default_backend() != "gpu":
-        return False
-    original = jax.nn.dot_product_attention
-    if getattr(original, "_fused_by_benchmarks", False):
-        return True
-
-    def attention(query, key, value, bias=None, mask=None, *args, implementation=None, **kwargs):
-        if implementation is None and jnp.dtype(query.dtype) in (jnp.bfloat16, jnp.float16):
-            implementation = "cudnn"
-        return original(query, key, value, bias, mask, *args, implementation=implementation, **kwargs)
-
-    attention._fused_by_benchmarks = True
-    jax.nn.dot_product_attention = attention
-    return True

@@ -12,6 +12,9 @@
 # redraws the plots in docs/img/. With $OUT set (the lent machines), the results and plots are
 # copied there after each stage (`python -m benchmarks.report FILE.json --plots docs/img`
 # redraws tables and plots from a results file anywhere). Extra arguments for every stage: BENCH_ARGS="--runs 20".
+# Attention: the bf16 models are built with LlamaConfig(attention="cudnn") (cuDNN's fused
+# flash kernel, as PyTorch's SDPA); BENCH_ARGS="--attention xla" runs XLA's unfused attention
+# instead (at 8B and 4096 tokens its scores do not fit in the GPU's memory).
 #
 # Needs JAX with CUDA, Flax, optax, orbax, safetensors; the peers need qwix (pip install
 # qwix, or wheels in .whl/, installed here with --no-deps) and torch + transformers + peft.

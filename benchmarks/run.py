@@ -11,6 +11,9 @@ Cases (`--cases`, default: all but mfu on CPU, all on GPU):
   peers       qwix LoRA/QLoRA, nnx.LoRALinear (all-Dense MLP), PEFT (GPU, child process)
   mfu         MFU of the LoRA step and tokens/s vs PEFT (on `--mfu-size`, default 8b)
 
+Attention (`--attention`): the bf16 models are built with `LlamaConfig(attention="cudnn")`,
+cuDNN's fused kernel, on GPU, and with "xla" elsewhere; float32 models always use "xla".
+
 Writes `<out>/<machine>.json` (`<machine>-quick.json` with --quick) and the same name with
 `.md` (the tables); results of earlier runs in the file for other sizes or cases are kept, so
 that runs of one size at a time add up. With `--plots DIR`, one PNG of ratios per case group.
@@ -52,8 +55,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--peft", action=argparse.BooleanOptionalAction, default=None,
                    help="run the PyTorch PEFT peer (default: on GPU only)")
     p.add_argument("--remat", action="store_true", help="mfu case: rematerialize each block")
-    p.add_argument("--attention", choices=("fused", "xla"), default="fused",
-                   help="on GPU: cuDNN's fused attention for bf16 (default) or XLA's unfused one")
+    p.add_argument("--attention", choices=c.ATTENTION, default=None,
+                   help="LlamaConfig.attention of the bf16 models: cuDNN's fused kernel ('cudnn', "
+                        "the default on GPU) or XLA's unfused attention ('xla', the default "
+                        "elsewhere); float32 models always use 'xla'")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="results directory")
     p.add_argument("--plots", default=None, help="write one PNG per case group here")
     p.add_argument("--fresh", action="store_true", help="do not keep earlier results in the file")
@@ -67,6 +72,9 @@ def parse(argv=None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown case or size {unknown}; cases {sorted(CASES)}, sizes {sorted(c.SIZES)}")
     args.runs = max(args.runs or (QUICK_RUNS if args.quick else FULL_RUNS), c.MIN_RUNS)
+    args.attention = args.attention or c.default_attention()
+    if args.attention == "cudnn" and not gpu:
+        p.error("--attention cudnn needs a GPU (cuDNN's fused attention)")
     return args
 
 
@@ -90,7 +98,8 @@ def _write(report: dict, base: str, plots: str | None) -> None:
 def main(argv=None) -> dict:
     args = parse(argv)
     info = c.machine()
-    info["fused_attention"] = args.attention == "fused" and c.use_fused_attention()
+    info["attention"] = args.attention  # LlamaConfig.attention of the bf16 models
+    info["fused_attention"] = args.attention == "cudnn"  # the report's header says so
     name = args.name or c.machine_slug(info) + ("-quick" if args.quick else "")
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, name)
@@ -107,7 +116,8 @@ def main(argv=None) -> dict:
             if case == "mfu" and sname in report["sizes"] and "mfu" in report["sizes"][sname] \
                     and len(args.sizes) > 1 and size_name != args.sizes[0]:
                 continue  # the mfu case has its own size: run it once
-            sz = c.size(sname, batch=args.batch, seq=args.seq, rank=args.rank)
+            sz = c.size(sname, batch=args.batch, seq=args.seq, rank=args.rank,
+                        attention=args.attention)
             ctx = c.Context(size=sz, runs=args.runs, quick=args.quick, log=log)
             log(f"[{sname}] {case}: {sz.describe()}")
             start = time.perf_counter()

@@ -33,7 +33,8 @@ import safetensors.numpy
 from flax import traverse_util
 from flax.core import meta
 
-from lora_jax.config import A_SUFFIX, LORA, LoraConfig, dtype_name
+from lora_jax import quant
+from lora_jax.config import A_SUFFIX, B_SUFFIX, LORA, LoraConfig, QuantConfig, dtype_name
 from lora_jax.tree import is_adapter, partition
 
 PathLike = str | os.PathLike
@@ -644,8 +645,8 @@ def load_adapter(directory: PathLike, base_params: Mapping) -> tuple[dict, LoraC
         config = config_from_dict(description["lora_config"])
     except (TypeError, ValueError) as e:
         raise ValueError(f"'{directory / ADAPTER_CONFIG_FILE}' holds an invalid config: {e}") from e
-    base = _as_variables(base_params)
-    flat = traverse_util.flatten_dict(base, sep="/")
+    boxed = traverse_util.flatten_dict(_as_variables(base_params), sep="/")
+    flat = {k: quant.unboxed(v) for k, v in boxed.items()}
     held = sorted(k for k in flat if is_adapter(k) or k.startswith(LORA + "/"))
     if held:
         raise ValueError(
@@ -653,15 +654,60 @@ def load_adapter(directory: PathLike, base_params: Mapping) -> tuple[dict, LoraC
             "parameters."
         )
     _check_base(directory, description["base_model"], flat, tensors)
-    flat.update(tensors)
-    return traverse_util.unflatten_dict(flat, sep="/"), config
+    boxed.update({k: _boxed_like(k, tensors, boxed) for k in tensors})
+    return traverse_util.unflatten_dict(boxed, sep="/"), _fit_quantize(config, flat)
 
 
 def _as_variables(base_params: Mapping) -> dict:
     if not isinstance(base_params, Mapping):
         raise TypeError(f"base_params must be a dict, got {type(base_params).__name__}.")
-    base = meta.unbox(dict(base_params))
+    base = dict(base_params)
     return base if "params" in base else {"params": base}
+
+
+def _boxed_like(path: str, tensors: Mapping, boxed: Mapping):
+    """An adapter leaf in its kernel's sharding box (rank axis None), as `lora_jax.init`
+    boxes it; other leaves as they are."""
+    value = tensors[path]
+    stem = path[: -len(A_SUFFIX)]
+    kernel = boxed.get(stem) if is_adapter(path) else None
+    if not isinstance(kernel, meta.Partitioned) or stem + A_SUFFIX not in tensors:
+        return value
+    names = tuple(kernel.names)
+    a_ndim = np.ndim(tensors[stem + A_SUFFIX])
+    b_ndim = np.ndim(tensors.get(stem + B_SUFFIX, np.zeros(())))
+    n_batch, cut = a_ndim + b_ndim - 2 - len(names), a_ndim - 1
+    if path.endswith(A_SUFFIX):
+        return kernel.replace(value=value, names=names[:cut] + (None,))
+    return kernel.replace(value=value, names=names[:n_batch] + (None,) + names[cut:])
+
+
+def _fit_quantize(config: LoraConfig, flat: Mapping) -> LoraConfig:
+    """The config with `quantize` describing the base it is loaded onto: None for a dense
+    base; for a 4-bit one, the tensors' format and the quantized layers as targets."""
+    qts = {k: v for k, v in flat.items() if quant.is_quantized(v)}
+    if not qts:
+        return dataclasses.replace(config, quantize=None)
+    kinds = {(q.fmt, q.block_size, q.double_quant, jnp.dtype(q.dtype).name) for q in qts.values()}
+    if len(kinds) > 1:
+        raise ValueError(
+            f"base_params mix 4-bit formats {sorted(kinds)} (fmt, block_size, double_quant, "
+            "dtype): one QuantConfig cannot describe them."
+        )
+    fmt, block, double, dtype = kinds.pop()
+    modules = tuple(sorted(k[len("params/") :].rsplit("/", 1)[0] for k in qts))
+    kernel = config.quantize.kernel if config.quantize is not None else "auto"
+    return dataclasses.replace(
+        config,
+        quantize=QuantConfig(
+            fmt=fmt,
+            block_size=block,
+            double_quant=double,
+            compute_dtype=dtype,
+            targets=modules,
+            kernel=kernel,
+        ),
+    )
 
 
 def _check_base(directory: Path, fingerprint: Mapping, flat: Mapping, tensors: Mapping) -> None:

@@ -172,8 +172,15 @@ class LinearRule(Rule):
         cut = split.n_batch + split.n_in
         batch, ins, outs = p_spec[: split.n_batch], p_spec[split.n_batch : cut], p_spec[cut:]
         free = "".join(c for c in x_spec if c not in p_spec)
-        bias = _bias(module)
-        dtype = module.dtype or jnp.result_type(x, qt.dtype, *([bias] if bias is not None else []))
+        bias = _bias(module, path)
+        dtype = getattr(module, "dtype", None)
+        dtype = dtype or jnp.result_type(x, qt.dtype, *([bias] if bias is not None else []))
+        widths = tuple(x.shape[x_spec.index(c)] for c in ins)
+        if widths != qt.in_shape:
+            raise ValueError(
+                f"'{path}': the input's contracted axes have sizes {widths} but the quantized "
+                f"'{self.param}' contracts {qt.in_shape} (input shape {x.shape})."
+            )
         xt = _transpose(x.astype(dtype), x_spec, batch + free + ins)
         lead, free_shape = xt.shape[: len(batch)], xt.shape[len(batch) : len(batch) + len(free)]
         xt = xt.reshape(lead + (math.prod(free_shape), qt.k))
@@ -202,10 +209,17 @@ def _transpose(x: Array, spec: str, to: str) -> Array:
     return jnp.transpose(x, [spec.index(c) for c in to])
 
 
-def _bias(module: nn.Module) -> Array | None:
-    if getattr(module, "use_bias", False) and module.has_variable("params", "bias"):
-        return nn.meta.unbox(module.get_variable("params", "bias"))
-    return None
+def _bias(module: nn.Module, path: str) -> Array | None:
+    """The bias the layer adds, for the quantized forward (which computes the whole output)."""
+    if not module.has_variable("params", "bias"):
+        return None
+    if not hasattr(module, "use_bias"):
+        raise ValueError(
+            f"'{path}' has a 'bias' parameter but no `use_bias` attribute: the 4-bit forward "
+            "cannot tell whether the layer adds it. Give the layer `use_bias`, or leave it out "
+            "of QuantConfig.targets."
+        )
+    return nn.meta.unbox(module.get_variable("params", "bias")) if module.use_bias else None
 
 
 def _dense_spec(module, x, kwargs) -> EinsumSpec:

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from flax.core import meta
 
 from lora_jax.config import QuantConfig
 
@@ -131,6 +132,14 @@ class QuantizedTensor:
 
 def is_quantized(x: Any) -> bool:
     return isinstance(x, QuantizedTensor)
+
+
+def unboxed(x: Any) -> Any:
+    """The value in a sharding box (`nn.Partitioned`, ...), else `x`; never adds a sharding
+    constraint (which a `QuantizedTensor` could not take: its fields have other shapes)."""
+    if isinstance(x, meta.Partitioned):
+        return x.value
+    return x.unbox() if isinstance(x, meta.AxisMetadata) else x
 
 
 # --------------------------------------------------------------------------- quantize
@@ -240,7 +249,7 @@ def quantize_array(
     )
 
 
-def requantize_like(w: Array, like: QuantizedTensor) -> QuantizedTensor:
+def requantize_like(w: Array, like: QuantizedTensor, path: str = "kernel") -> QuantizedTensor:
     """Quantizes a dense kernel with the format, blocks and axes of `like`."""
     cfg = QuantConfig(
         fmt=like.fmt,
@@ -248,7 +257,7 @@ def requantize_like(w: Array, like: QuantizedTensor) -> QuantizedTensor:
         double_quant=like.double_quant,
         compute_dtype=like.dtype,
     )
-    return quantize_array(w, cfg, n_lead=len(like.lead_shape), n_in=len(like.in_shape))
+    return quantize_array(w, cfg, n_lead=len(like.lead_shape), n_in=len(like.in_shape), path=path)
 
 
 # --------------------------------------------------------------------------- dequantize
@@ -326,7 +335,8 @@ def quantize(
     """
     from flax import traverse_util  # local: keeps quant a leaf module for import order
 
-    flat = traverse_util.flatten_dict(dict(params), sep="/")
+    boxed = traverse_util.flatten_dict(dict(params), sep="/")
+    flat = {k: unboxed(v) for k, v in boxed.items()}
     if paths is None:
         paths = {
             k: (0, len(jnp.shape(v)) - 1)
@@ -342,8 +352,10 @@ def quantize(
     for path, (n_lead, n_in) in paths.items():
         if is_quantized(flat[path]):
             raise ValueError(f"quantize: '{path}' is already quantized.")
-        flat[path] = quantize_array(flat[path], cfg, n_lead=n_lead, n_in=n_in, path=path)
-    return traverse_util.unflatten_dict(flat, sep="/")
+        qt = quantize_array(flat[path], cfg, n_lead=n_lead, n_in=n_in, path=path)
+        box = boxed[path]  # a sharding box keeps its names on the 4-bit kernel
+        boxed[path] = box.replace_boxed(qt) if isinstance(box, meta.AxisMetadata) else qt
+    return traverse_util.unflatten_dict(boxed, sep="/")
 
 
 def dequantize_tree(params: Mapping, dtype: Any = None) -> dict:
@@ -411,7 +423,9 @@ def _dequantize_after(x: Array, qt: QuantizedTensor) -> Array:
     v = x.reshape(-1)[0].astype(jnp.float32)
     zero = jnp.where(jnp.isnan(v), 0.0, jnp.minimum(jnp.abs(v), 0.0))
     table = jnp.asarray(TABLES[qt.fmt], jnp.float32) + zero
-    return dequantize_matrix(qt, x.dtype, table=table)
+    # Round to the compute dtype first: the forward pass then uses exactly the kernel that
+    # `merge` writes, whatever the layer's own dtype.
+    return dequantize_matrix(qt, qt.dtype, table=table).astype(x.dtype)
 
 
 def _matmul(kernel: str, x: Array, qt: QuantizedTensor, *, transpose: bool) -> Array:

@@ -31,6 +31,7 @@ from flax import traverse_util
 from flax.core import meta
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from lora_jax import quant
 from lora_jax.config import A_SUFFIX, B_SUFFIX, LORA
 from lora_jax.tree import Tree, is_adapter
 
@@ -150,8 +151,9 @@ def param_shardings(
     shapes = {k: shape_of(v) for k, v in _flat(params).items()}
     _raise([p for k, s in flat_specs.items() for p in _spec_problems(f"Leaf '{k}'", shapes[k], s,
                                                                       mesh)])
+    values = {k: _value(v) for k, v in _flat(params).items()}
     return traverse_util.unflatten_dict(
-        {k: NamedSharding(mesh, s) for k, s in flat_specs.items()}, sep="/")
+        {k: _named(mesh, s, values[k]) for k, s in flat_specs.items()}, sep="/")
 
 
 def check_rules(rules: Rules, mesh: Mesh) -> None:
@@ -259,6 +261,40 @@ def shape_of(v) -> tuple[int, ...]:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _named(mesh: Mesh, spec: PartitionSpec, leaf):
+    """A `NamedSharding` for a leaf; for a 4-bit kernel, one per field of its pytree."""
+    if not quant.is_quantized(leaf):
+        return NamedSharding(mesh, spec)
+    return quantized_specs(leaf, spec, lambda s: NamedSharding(mesh, s))
+
+
+def quantized_specs(qt: quant.QuantizedTensor, spec: PartitionSpec, wrap=lambda s: s):
+    """Specs for the fields of a `QuantizedTensor` from its dense kernel's spec.
+
+    Leading (stacked-layer, batch) axes keep their entries; the output axis N of `codes` and
+    `scales` takes the entry of the first output axis when the other output axes are
+    unsharded (N is their flattening, so contiguous shards of N are shards of that axis);
+    the packed contraction axis and the double-quantization constants are replicated along
+    their own axes (blocks of 256 scales do not follow the kernel's layout).
+
+    Returns:
+      A `QuantizedTensor` whose array fields are `wrap(PartitionSpec)`s.
+    """
+    entries = tuple(spec) + (None,) * (qt.ndim - len(tuple(spec)))
+    n_lead, n_in = len(qt.lead_shape), len(qt.in_shape)
+    lead, outs = entries[:n_lead], entries[n_lead + n_in :]
+    n_entry = outs[0] if all(e is None for e in outs[1:]) else None
+    matrix = wrap(PartitionSpec(*lead, None, n_entry))
+    on = lambda field, s: None if getattr(qt, field) is None else wrap(s)  # noqa: E731
+    return qt.replace(
+        codes=matrix,
+        scales=on("scales", PartitionSpec(*lead, None, n_entry)),
+        scale_codes=on("scale_codes", PartitionSpec(*lead, None, None)),
+        scale_absmax=on("scale_absmax", PartitionSpec(*lead, None)),
+        scale_mean=on("scale_mean", PartitionSpec(*lead)),
+    )
 
 
 def _is_box(x) -> bool:

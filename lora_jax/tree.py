@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
+from flax import struct, traverse_util
 from flax.core import meta
 
 from lora_jax import quant
@@ -131,7 +131,8 @@ def merge(params: Tree, *, requantize: bool = False):
 
     Args:
       params: the variables dict that `lora_jax.init` returns (or a trained one).
-      requantize: keep adapted 4-bit kernels in 4 bits.
+      requantize: keep adapted 4-bit kernels in 4 bits (the report is a pytree too, so this
+        works under `jax.jit`).
 
     Returns:
       The merged tree; with `requantize=True`, a tuple (merged tree, `RequantizeReport`).
@@ -140,7 +141,7 @@ def merge(params: Tree, *, requantize: bool = False):
       ValueError: an adapter's shapes do not fit its parameter, or its scale is missing.
     """
     flat = _flat(params)
-    quantized = {k for k, v in flat.items() if quant.is_quantized(meta.unbox(v))}
+    quantized = {k for k, v in flat.items() if quant.is_quantized(quant.unboxed(v))}
     if not (quantized or any(is_adapter(k) or k.startswith(LORA + "/") for k in flat)):
         return (params, RequantizeReport({})) if requantize else params
     orphans = sorted(
@@ -163,8 +164,8 @@ def merge(params: Tree, *, requantize: bool = False):
             errors[w_path] = error
     if not requantize:
         for k in quantized:
-            if quant.is_quantized(meta.unbox(out[k])):
-                out[k] = _reboxed(out[k], quant.dequantize(meta.unbox(out[k])))
+            if quant.is_quantized(quant.unboxed(out[k])):
+                out[k] = _reboxed(out[k], quant.dequantize(quant.unboxed(out[k])))
         return _unflat(out)
     return _unflat(out), RequantizeReport(errors)
 
@@ -179,7 +180,7 @@ def _merged(flat: Mapping[str, Any], w_path: str, requantize: bool):
         if path not in flat:
             raise ValueError(f"Adapter '{w_path + A_SUFFIX}' has no '{path}' to merge with.")
     boxed = flat[w_path]
-    w, a, b = (meta.unbox(flat[p]) for p in (w_path, w_path + A_SUFFIX, w_path + B_SUFFIX))
+    w, a, b = (quant.unboxed(flat[p]) for p in (w_path, w_path + A_SUFFIX, w_path + B_SUFFIX))
     _check_adapter(w_path, w.shape, a.shape, b.shape)
     f32 = jnp.float32
     scale = meta.unbox(flat[scale_path])
@@ -189,7 +190,7 @@ def _merged(flat: Mapping[str, Any], w_path: str, requantize: bool):
     merged = quant.dequantize(w, f32) + delta
     if not requantize:
         return _reboxed(boxed, merged.astype(w.dtype)), None
-    again = quant.requantize_like(merged, w)
+    again = quant.requantize_like(merged, w, path=w_path)
     error = jnp.linalg.norm(quant.dequantize(again, f32) - merged) / jnp.linalg.norm(delta)
     return _reboxed(boxed, again), error
 
@@ -203,7 +204,7 @@ def _fold(w: Array, a: Array, b: Array, scale: Array) -> Array:
     return (w.astype(f32) + scale.astype(f32) * delta).astype(w.dtype)
 
 
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class RequantizeReport:
     """What `merge(params, requantize=True)` lost, per adapted 4-bit kernel.
 
@@ -272,7 +273,7 @@ def summary(params: Tree) -> Summary:
     for k, v in _flat(params).items():
         if not k.startswith("params/"):
             continue
-        v = meta.unbox(v)
+        v = quant.unboxed(v)
         size = int(np.prod(jnp.shape(v)))
         counts[k in trainable][0] += size
         nbytes = v.nbytes if quant.is_quantized(v) else size * jnp.dtype(v.dtype).itemsize

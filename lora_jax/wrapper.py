@@ -18,6 +18,7 @@ from collections.abc import Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 from flax.core import meta
 
@@ -91,7 +92,7 @@ def _intercept(wrapper: LoRA, trace: _Trace, next_fun, args, kwargs, context):
     rule = rule_for(type(module))
     method = context.method_name
     creating = wrapper.is_mutable_collection("params")
-    qt = _quantized_param(wrapper.config, module, rule, path, creating)
+    qt = _quantized_param(wrapper.config, module, rule, path, method, creating)
     if qt is None:
         out = next_fun(*args, **kwargs)
     else:
@@ -125,17 +126,21 @@ def _in_model(module, wrapper: LoRA) -> bool:
     return root is wrapper.scope.root or root.debug_path != root.path
 
 
-def _quantized_param(cfg: LoraConfig, module, rule: Rule | None, path: str, creating: bool):
+def _quantized_param(cfg: LoraConfig, module, rule: Rule | None, path, method, creating):
     """The module's 4-bit parameter if it has one (checked against `cfg.quantize`), else None."""
+    if method == "setup":
+        return None  # declares parameters, computes nothing
     params = module.variables.get("params", {})
     found = [
         n
         for n, v in params.items()
-        if not isinstance(v, Mapping) and isinstance(meta.unbox(v), quant.QuantizedTensor)
+        if not isinstance(v, Mapping) and quant.is_quantized(quant.unboxed(v))
     ]
     qcfg = cfg.quantize
+    computes = rule is not None and method in rule.methods
     if not found:
-        if qcfg is not None and not creating and _quantizable(cfg, rule, path) and rule.param in params:
+        dense = computes and not creating and rule.param in params
+        if dense and qcfg is not None and _quantizable(cfg, rule, path):
             raise ValueError(
                 f"'{path}/{rule.param}' is a dense array but LoraConfig.quantize targets it: "
                 "build the params with lora_jax.init(..., base_params=...), which quantizes "
@@ -143,12 +148,24 @@ def _quantized_param(cfg: LoraConfig, module, rule: Rule | None, path: str, crea
             )
         return None
     name = found[0]
-    if rule is None or name != rule.param or len(found) > 1:
-        raise ValueError(
-            f"'{path}/{name}' is quantized, but {type(module).__name__} has no LoRA rule that "
-            "computes with a quantized parameter of that name (linear layers' 'kernel' only)."
+    if rule is None or not rule.quantizable or name != rule.param or len(found) > 1:
+        reason = (
+            f"{type(module).__name__} has no LoRA rule"
+            if rule is None
+            else f"its rule ({type(rule).__name__}) computes with "
+            + (f"a quantized '{rule.param}' only" if rule.quantizable else "dense parameters only")
         )
-    qt = meta.unbox(params[name])
+        raise ValueError(
+            f"'{path}/{name}' is quantized, but {reason}: only linear layers' kernels can be "
+            "4-bit. Leave it out of QuantConfig.targets."
+        )
+    if method not in rule.methods:
+        raise ValueError(
+            f"'{path}' has a quantized '{name}' and its method '{method}' would read it: only "
+            f"{rule.methods} run through the dequantizing matmul. Leave '{path}' out of "
+            "QuantConfig.targets."
+        )
+    qt = quant.unboxed(params[name])
     if qcfg is None:
         raise ValueError(
             f"'{path}/{name}' is quantized ({qt!r}) but LoraConfig.quantize is None: set "
@@ -184,19 +201,20 @@ def _record_quantized(cfg: LoraConfig, rule: Rule, module, path, args, kwargs, t
     """At init: notes which kernels `cfg.quantize` selects and how their axes split."""
     if cfg.quantize is None or not _quantizable(cfg, rule, path):
         return
-    shape = jnp.shape(meta.unbox(module.get_variable("params", rule.param)))
+    shape = jnp.shape(quant.unboxed(module.get_variable("params", rule.param)))
     split = rule.split(module, shape, args, kwargs)
     trace.quantized.add(path)
     recorder = _QUANTIZED.get()
     if recorder is not None:
-        recorder[f"params/{path}/{rule.param}"] = (split.n_batch, split.n_in, len(shape))
+        param = f"{path}/{rule.param}" if path else rule.param  # the model may be the layer
+        recorder[f"params/{param}"] = (split.n_batch, split.n_in, len(shape))
 
 
 def _add_delta(cfg: LoraConfig, rule: Rule, module, path, method, args, kwargs, out):
     if not module.has_variable("params", rule.param):
         raise ValueError(f"Module '{path}' has no parameter '{rule.param}' for its LoRA rule.")
     kernel = module.get_variable("params", rule.param)
-    shape = jnp.shape(meta.unbox(kernel))
+    shape = jnp.shape(quant.unboxed(kernel))
     split = rule.split(module, shape, args, kwargs)
     rank = cfg.rank_for(path)
     a_shape, b_shape = split.adapter_shapes(shape, rank)
@@ -298,7 +316,13 @@ def _mark_extras(cfg: LoraConfig, module, path: str, trace: _Trace) -> None:
         param_path = f"{path}/{name}" if path else name
         if name.endswith((A_SUFFIX, B_SUFFIX)) or not cfg.is_trainable_extra(param_path):
             continue
-        value = meta.unbox(module.get_variable("params", name))
+        value = quant.unboxed(module.get_variable("params", name))
+        if quant.is_quantized(value):
+            raise ValueError(
+                f"LoraConfig.trainable selects '{param_path}', which QuantConfig quantizes: a "
+                "4-bit kernel cannot be trained in full. Exclude it from QuantConfig.targets "
+                "(QuantConfig.exclude) or from LoraConfig.trainable."
+            )
         if not jnp.issubdtype(jnp.result_type(value), jnp.floating):
             raise ValueError(
                 f"LoraConfig.trainable selects '{param_path}', a {jnp.result_type(value)} "
@@ -317,7 +341,7 @@ def _check_trace(cfg: LoraConfig, trace: _Trace) -> None:
             f"Adaptable module paths: {listed if listed else 'none: the model has no layer with a LoRA rule'}."
         )
     cfg.check_patterns(sorted(trace.targeted))
-    if cfg.quantize is not None and cfg.quantize.targets is not None and not trace.quantized:
+    if cfg.quantize is not None and not trace.quantized:
         raise ValueError(
             f"QuantConfig.targets={cfg.quantize.targets!r} (exclude={cfg.quantize.exclude!r}) "
             f"matches no linear layer. Adaptable module paths: {sorted(trace.adaptable)}."
@@ -338,7 +362,8 @@ def init(lora_model: LoRA, rng, *args, base_params: Mapping | None = None, **kwa
 
     With `base_params`, the model is traced for shapes only (no random base weights are ever
     made), the tree is checked against the model, and only the adapter leaves and the "lora"
-    collection are computed; base leaves are returned as the very same arrays, except the
+    collection are computed; base leaves are returned as the very same arrays (NumPy leaves
+    are put on the device, and `LoraConfig.quantize` kernels quantized one at a time), except the
     `config.trainable` extras, which are copied so that a donating train step can never
     delete the caller's pretrained arrays.
 
@@ -360,9 +385,11 @@ def init(lora_model: LoRA, rng, *args, base_params: Mapping | None = None, **kwa
     if base_params is None:
         with _recording() as targets:
             variables = lora_model.init(rngs, *args, **kwargs)
+        _check_extras_not_quantized(variables, targets)
         return _quantize_base(variables, targets, qcfg)
     with _recording() as targets:
         abstract = jax.eval_shape(lambda r, *a: lora_model.init(r, *a, **kwargs), rngs, *args)
+    _check_extras_not_quantized(abstract, targets)
     base = _as_variables(base_params, abstract)
     _check_fits(base, abstract)
     base = _quantize_base(base, targets, qcfg)
@@ -375,6 +402,8 @@ def init(lora_model: LoRA, rng, *args, base_params: Mapping | None = None, **kwa
 
     flat = traverse_util.flatten_dict(base, sep="/")
     flat.update(new_leaves(base, rngs, *args))
+    # Host (NumPy) leaves go to the device once here, not on every step.
+    flat = {k: jnp.asarray(v) if isinstance(v, np.ndarray) else v for k, v in flat.items()}
     extras = [k for k in flat if k.startswith(LORA + "/") and k.endswith(TRAINABLE_SUFFIX)]
     for marker in extras:
         param = "params/" + marker[len(LORA) + 1 : -len(TRAINABLE_SUFFIX)]
@@ -392,10 +421,23 @@ def _recording():
         _QUANTIZED.reset(token)
 
 
+def _check_extras_not_quantized(variables: Mapping, targets: Mapping) -> None:
+    markers = traverse_util.flatten_dict(dict(variables).get(LORA, {}), sep="/")
+    for marker in markers:
+        if marker.endswith(TRAINABLE_SUFFIX):
+            param = "params/" + marker[: -len(TRAINABLE_SUFFIX)]
+            if param in targets:
+                raise ValueError(
+                    f"LoraConfig.trainable selects '{param[len('params/') :]}', which "
+                    "QuantConfig quantizes: a 4-bit kernel cannot be trained in full. Exclude "
+                    "it from QuantConfig.targets (QuantConfig.exclude) or LoraConfig.trainable."
+                )
+
+
 def _quantize_base(variables: Mapping, targets: Mapping, qcfg: QuantConfig | None) -> dict:
     """Quantizes the kernels that `qcfg` selects, one at a time; checks quantized leaves."""
     flat = traverse_util.flatten_dict(variables, sep="/")
-    quantized = sorted(k for k, v in flat.items() if quant.is_quantized(meta.unbox(v)))
+    quantized = sorted(k for k, v in flat.items() if quant.is_quantized(quant.unboxed(v)))
     if qcfg is None:
         if quantized:
             raise ValueError(
@@ -411,7 +453,7 @@ def _quantize_base(variables: Mapping, targets: Mapping, qcfg: QuantConfig | Non
             f"{_listed(stray)}. Selected: {_listed(sorted(targets))}."
         )
     for path, (n_batch, n_in, ndim) in targets.items():
-        value = meta.unbox(flat[path])
+        value = quant.unboxed(flat[path])
         # Axes the layer never saw are stacked-layer axes (nn.scan): leading, one matrix each.
         n_lead = n_batch + len(value.shape) - ndim
         if quant.is_quantized(value):
@@ -424,7 +466,9 @@ def _quantize_base(variables: Mapping, targets: Mapping, qcfg: QuantConfig | Non
                     "(pass the dense base_params)."
                 )
             continue
-        flat[path] = quant.quantize_array(value, qcfg, n_lead=n_lead, n_in=n_in, path=path)
+        qt = quant.quantize_array(value, qcfg, n_lead=n_lead, n_in=n_in, path=path)
+        boxed = flat[path]  # a sharding box keeps its logical names on the 4-bit kernel
+        flat[path] = boxed.replace_boxed(qt) if isinstance(boxed, meta.AxisMetadata) else qt
     return traverse_util.unflatten_dict(flat, sep="/")
 
 

@@ -431,3 +431,22 @@ def test_kill_during_save_resumes_from_last_complete_checkpoint_bitwise(tmp_path
     assert {i: ref[i] for i in before} == before  # the killed run, up to the kill
     assert {i: ref[i] for i in after} == after  # the resumed run: bit for bit
     assert sorted(p.name for p in ckpt.iterdir()) == ["12", "16"]  # tmp dir removed
+
+
+def test_qlora_adapter_loads_onto_dense_and_quantized_bases(tmp_path):
+    """The returned config describes the base it was loaded onto, so the pair works."""
+    model = Llama(LlamaConfig.tiny(num_layers=1))
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    base = model.init(jax.random.key(0), tokens)
+    cfg = lj.LoraConfig(rank=2, targets=("q_proj",), quantize=lj.QuantConfig(compute_dtype=jnp.float32))
+    params = lj.init(lj.LoRA(model, cfg), jax.random.key(1), tokens, base_params=base)
+    save_adapter(tmp_path, params, cfg)
+    dense, dense_cfg = load_adapter(tmp_path, base)
+    assert dense_cfg.quantize is None
+    lj.LoRA(model, dense_cfg).apply(dense, tokens)
+    quantized_base = lj.merge(lj.init(lj.LoRA(model, cfg), jax.random.key(1), tokens, base_params=base),
+                              requantize=True)[0]
+    loaded, loaded_cfg = load_adapter(tmp_path, quantized_base)
+    assert loaded_cfg.quantize.targets == ("layers_0/self_attn/q_proj",)
+    out = lj.LoRA(model, loaded_cfg).apply(loaded, tokens)
+    np.testing.assert_allclose(out, lj.LoRA(model, cfg).apply(params, tokens), atol=1e-5)

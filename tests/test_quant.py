@@ -75,9 +75,7 @@ def test_grid_values_round_trip_exactly(fmt, k, n, block, seed):
     """Weights already on a block's grid come back bit for bit (quantize is idempotent)."""
     w = jax.random.normal(jax.random.key(seed), (k, n)) * 3.0
     qt = quant.quantize_array(w, QC(fmt=fmt, block_size=block, double_quant=False))
-    again = quant.quantize_array(
-        DEQ(qt), QC(fmt=fmt, block_size=block, double_quant=False)
-    )
+    again = quant.quantize_array(DEQ(qt), QC(fmt=fmt, block_size=block, double_quant=False))
     chex.assert_trees_all_equal(DEQ(again), DEQ(qt))
 
 
@@ -530,3 +528,109 @@ def test_qlora_with_scan_stacked_layers():
     state, frozen = step.init(params), lj.partition(params)[1]
     params, state, _ = step(params, state, tokens)
     chex.assert_trees_all_equal(lj.partition(params)[1], frozen)
+
+
+# --------------------------------------------------------------------------- review fixes
+
+
+def test_forward_uses_the_kernel_that_merge_writes():
+    """compute_dtype rounds the kernel in the forward pass too: with the adapters at zero the
+    merged model is exact; with trained ones only the merged sum's rounding differs."""
+    model, x = nn.Dense(64, name="d"), jax.random.normal(jax.random.key(40), (4, 256))
+    base = model.init(jax.random.key(41), x)
+    lora = lj.LoRA(model, lj.LoraConfig(targets=".*", quantize=lj.QuantConfig()))  # bf16 kernels
+    params = lj.init(lora, jax.random.key(42), x, base_params=base)
+    chex.assert_trees_all_equal(lora.apply(params, x), model.apply(lj.merge(params), x))
+    params = randomize_adapters(params, jax.random.key(43), 0.05)
+    assert_close(lora.apply(params, x), model.apply(lj.merge(params), x), jnp.bfloat16)
+
+
+def test_requantizing_merge_works_under_jit():
+    qt = quant.quantize_array(jax.random.normal(jax.random.key(44), (64, 32)), QC())
+    tree = {
+        "params": {
+            "l": {
+                "kernel": qt,
+                "kernel_lora_a": jnp.ones((64, 2)),
+                "kernel_lora_b": jnp.ones((2, 32)),
+            }
+        },
+        "lora": {"l": {"kernel_lora_scale": jnp.float32(0.5)}},
+    }
+    merged, report = jax.jit(lambda p: lj.merge(p, requantize=True))(tree)
+    assert isinstance(merged["params"]["l"]["kernel"], lj.QuantizedTensor) and report.worst >= 0
+
+
+def test_quantization_keeps_logical_boxes_and_trains_on_a_mesh():
+    model = Llama(LlamaConfig.tiny(num_layers=1, logical_axes=True))
+    tokens = jax.random.randint(jax.random.key(45), (2, 17), 0, 256)
+    base = model.init(jax.random.key(46), tokens[:, :-1])
+    cfg = lj.LoraConfig(targets=("q_proj", "v_proj"), quantize=QC(block_size=32))
+    lora = lj.LoRA(model, cfg)
+    params = lj.init(lora, jax.random.key(47), tokens[:, :-1], base_params=base)
+    q = params["params"]["layers_0"]["self_attn"]["q_proj"]
+    assert isinstance(q["kernel"], nn.LogicallyPartitioned) and isinstance(
+        q["kernel"].value, lj.QuantizedTensor
+    )
+    assert q["kernel_lora_b"].names == (None, "heads")
+    mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+    loss = lambda apply, b: causal_lm_loss(apply(b[:, :-1]), b[:, 1:])  # noqa: E731
+    step = lj.make_train_step(lora, loss, optax.adam(1e-2), mesh=mesh, rules=(("batch", "data"),))
+    state = step.init(params)
+    params, state, value = step(params, state, tokens)
+    assert np.isfinite(float(value))
+    kernel = lj.sharding.unbox(params)["params"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    assert kernel.codes.sharding.mesh.shape == {"data": 2}
+
+
+def test_quantize_keeps_boxes_of_a_boxed_tree():
+    boxed = {"l": {"kernel": nn.LogicallyPartitioned(jnp.ones((64, 8)), ("embed", "mlp"))}}
+    out = lj.quantize(boxed, QC())
+    assert isinstance(out["l"]["kernel"], nn.LogicallyPartitioned)
+    assert isinstance(out["l"]["kernel"].value, lj.QuantizedTensor)
+
+
+class Custom(nn.Module):
+    """A linear layer with a bias but no `use_bias` and no `dtype`."""
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], 8))
+        return x @ w + self.param("bias", nn.initializers.ones, (8,))[None, :]
+
+
+def test_custom_layer_bias_without_use_bias_is_an_error():
+    lj.register_rule(Custom, lj.LinearRule(spec=lambda m, x, kw: ("...i", "io", "...o")))
+    model, x = Custom(), jnp.ones((2, 64))
+    base = model.init(jax.random.key(0), x)
+    cfg = lj.LoraConfig(targets=".*", quantize=QC())
+    with pytest.raises(ValueError, match="has a 'bias' parameter but no `use_bias`"):
+        lj.init(lj.LoRA(model, cfg), jax.random.key(1), x, base_params=base)
+
+
+def test_trainable_extra_that_is_quantized_is_an_error(llama):
+    model, tokens, base = llama
+    cfg = lj.LoraConfig(
+        targets=("q_proj",),
+        trainable=("lm_head/kernel",),
+        quantize=QC(targets=("q_proj", "lm_head")),
+    )
+    with pytest.raises(
+        ValueError, match="trainable selects 'lm_head/kernel', which QuantConfig quantizes"
+    ):
+        lj.init(lj.LoRA(model, cfg), jax.random.key(0), tokens, base_params=base)
+
+
+def test_default_quant_targets_without_linear_adapted_layers(llama):
+    model, tokens, base = llama
+    cfg = lj.LoraConfig(targets=("embed_tokens",), quantize=QC())
+    with pytest.raises(ValueError, match="matches no linear layer"):
+        lj.init(lj.LoRA(model, cfg), jax.random.key(0), tokens, base_params=base)
+
+
+def test_numpy_base_leaves_end_on_the_device(llama):
+    model, tokens, base = llama
+    host = jax.tree.map(np.asarray, base)
+    cfg = lj.LoraConfig(targets=("q_proj",), quantize=QC())
+    params = lj.init(lj.LoRA(model, cfg), jax.random.key(0), tokens, base_params=host)
+    assert not any(isinstance(v, np.ndarray) for v in jax.tree.leaves(params))

@@ -9,7 +9,8 @@ Model FLOPs per token, with no rematerialization counted:
   attention        6 s d   per layer (QK^T and AV: 4 s d forward, twice that backward, halved
                            by the causal mask), d = heads x head_dim, s = sequence length
 MFU = model FLOPs per token x tokens/s / the chip's dense bf16 peak (nominal, and the
-measured ~800 TFLOP/s of a bf16 matmul on the lent H100s).
+measured ~800 TFLOP/s of a bf16 matmul on the lent H100s). Attention is the size's
+`LlamaConfig.attention`: cuDNN's fused kernel on GPU unless `--attention xla`.
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ BITS_THEORY = 4 + 8 / 64 + 32 / (64 * 256)
 
 
 def bf16(sz: c.Size) -> c.Size:
-    """The size with a bfloat16 model (compute and storage)."""
+    """The size with a bfloat16 model (compute and storage); `Size` sets its
+    `LlamaConfig.attention` again for bf16 (cuDNN's fused kernel with `--attention cudnn`)."""
     model = dataclasses.replace(sz.model, dtype=jnp.dtype(jnp.bfloat16), param_dtype=jnp.dtype(jnp.bfloat16))
     return dataclasses.replace(sz, model=model)
 

@@ -49,15 +49,15 @@ def _row_tile(m: int) -> int:
     return min(128, max(_MIN_DOT, pl.next_power_of_2(m)))
 
 
-def _forward_kernel(x_ref, c_ref, s_ref, o_ref, *, fmt, block, bm, bn, nblocks):
+def _forward_kernel(x_ref, c_ref, s_ref, o_ref, *, fmt, wdtype, block, bm, bn, nblocks):
     half = block // 2
     rows, cols = pl.ds(pl.program_id(0) * bm, bm), pl.ds(pl.program_id(1) * bn, bn)
 
     def body(i, acc):
         byte = c_ref[pl.ds(i * half, half), cols].astype(jnp.int32)
         scale = s_ref[pl.ds(i, 1), cols]
-        w_lo = (_decode(byte & 0xF, fmt) * scale).astype(x_ref.dtype)
-        w_hi = (_decode(byte >> 4, fmt) * scale).astype(x_ref.dtype)
+        w_lo = (_decode(byte & 0xF, fmt) * scale).astype(wdtype).astype(x_ref.dtype)
+        w_hi = (_decode(byte >> 4, fmt) * scale).astype(wdtype).astype(x_ref.dtype)
         x_lo = x_ref[rows, pl.ds(i * block, half)]
         x_hi = x_ref[rows, pl.ds(i * block + half, half)]
         acc += jnp.dot(x_lo, w_lo, preferred_element_type=jnp.float32)
@@ -67,7 +67,7 @@ def _forward_kernel(x_ref, c_ref, s_ref, o_ref, *, fmt, block, bm, bn, nblocks):
     o_ref[rows, cols] = acc.astype(o_ref.dtype)
 
 
-def _transposed_kernel(g_ref, c_ref, s_ref, o_ref, *, fmt, block, bm, bn, ntiles):
+def _transposed_kernel(g_ref, c_ref, s_ref, o_ref, *, fmt, wdtype, block, bm, bn, ntiles):
     half = block // 2
     i = pl.program_id(1)  # the quantization block of the output's columns
     rows = pl.ds(pl.program_id(0) * bm, bm)
@@ -77,8 +77,8 @@ def _transposed_kernel(g_ref, c_ref, s_ref, o_ref, *, fmt, block, bm, bn, ntiles
         cols = pl.ds(j * bn, bn)
         byte = c_ref[pl.ds(i * half, half), cols].astype(jnp.int32)
         scale = s_ref[pl.ds(i, 1), cols]
-        w_lo = (_decode(byte & 0xF, fmt) * scale).astype(g_ref.dtype)
-        w_hi = (_decode(byte >> 4, fmt) * scale).astype(g_ref.dtype)
+        w_lo = (_decode(byte & 0xF, fmt) * scale).astype(wdtype).astype(g_ref.dtype)
+        w_hi = (_decode(byte >> 4, fmt) * scale).astype(wdtype).astype(g_ref.dtype)
         g = g_ref[rows, cols]
         dot = lambda w: jax.lax.dot_general(g, w, contract, preferred_element_type=jnp.float32)
         return accs[0] + dot(w_lo), accs[1] + dot(w_hi)
@@ -121,14 +121,14 @@ def pallas_matmul(
     if transpose:
         x = jnp.pad(x, ((0, mp - m), (0, 0)))
         kernel = functools.partial(
-            _transposed_kernel, fmt=qt.fmt, block=qt.block_size, bm=bm, bn=bn,
+            _transposed_kernel, fmt=qt.fmt, wdtype=qt.dtype, block=qt.block_size, bm=bm, bn=bn,
             ntiles=qt.n // bn,
         )  # fmt: skip
         grid, out = (mp // bm, kp // qt.block_size), (mp, kp)
     else:
         x = jnp.pad(x, ((0, mp - m), (0, kp - qt.k)))
         kernel = functools.partial(
-            _forward_kernel, fmt=qt.fmt, block=qt.block_size, bm=bm, bn=bn,
+            _forward_kernel, fmt=qt.fmt, wdtype=qt.dtype, block=qt.block_size, bm=bm, bn=bn,
             nblocks=kp // qt.block_size,
         )  # fmt: skip
         grid, out = (mp // bm, qt.n // bn), (mp, qt.n)
