@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu.sh 1b:finetune mfu # only these stages
 #
 # Stages (each a separate process, so that each starts with the GPU's memory free):
+#   qmatmul (benchmarks/qmatmul.py: the 4-bit matmul, M in {1,16,128,4096}, K=N=4096)
 #   1b:finetune  1b:peers,quantized,merge  3b:finetune  3b:peers,quantized,merge  mfu
 # `SIZE:CASES` runs `python -m benchmarks.run --size SIZE --cases CASES`; `mfu` runs the MFU
 # case on Llama-3-8B shapes at 4096 tokens (and PEFT at the same config). Every stage adds its
@@ -32,7 +33,7 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
 stages=("$@")
 if [ ${#stages[@]} -eq 0 ]; then
-  stages=(1b:finetune 1b:peers,quantized,merge 3b:finetune 3b:peers,quantized,merge mfu)
+  stages=(qmatmul 1b:finetune 1b:peers,quantized,merge 3b:finetune 3b:peers,quantized,merge mfu)
 fi
 "$PY" -c "import jax; print('JAX', jax.__version__, jax.devices())" || exit 1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || true
@@ -40,7 +41,11 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/
 status=0
 for stage in "${stages[@]}"; do
   echo "=== stage $stage ($(date -u +%H:%M:%S))"
-  if [ "$stage" = mfu ]; then
+  if [ "$stage" = qmatmul ]; then  # the 4-bit matmul alone: Pallas kernel vs XLA vs bf16
+    "$PY" benchmarks/qmatmul.py --json benchmarks/results/gpu-qmatmul.json || status=1
+    [ -n "${OUT:-}" ] && cp benchmarks/results/gpu-qmatmul.json "$OUT/"
+    continue
+  elif [ "$stage" = mfu ]; then
     args=(--cases mfu --mfu-size 8b)
   else
     args=(--size "${stage%%:*}" --cases "${stage#*:}")
