@@ -75,6 +75,16 @@ def _as_pattern(field: str, value: Any, check) -> Pattern:
     return pairs
 
 
+def _float_dtype(field: str, value: Any) -> np.dtype:
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{field} must be a floating dtype, got {value!r}.")
+    return dtype
+
+
 def _check_rank(field: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"LoraConfig.{field} must be a positive int, got {value!r}.")
@@ -147,14 +157,7 @@ class QuantConfig:
             )
         if not isinstance(self.double_quant, bool):
             raise TypeError(f"QuantConfig.double_quant must be a bool, got {self.double_quant!r}.")
-        try:
-            dtype = jnp.dtype(self.compute_dtype)
-        except TypeError:
-            dtype = None
-        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-            raise ValueError(
-                f"QuantConfig.compute_dtype must be a floating dtype, got {self.compute_dtype!r}."
-            )
+        dtype = _float_dtype("QuantConfig.compute_dtype", self.compute_dtype)
         object.__setattr__(self, "compute_dtype", dtype)
         if self.targets is not None:
             object.__setattr__(self, "targets", _as_names("QuantConfig.targets", self.targets))
@@ -227,15 +230,7 @@ class LoraConfig:
             raise TypeError(f"LoraConfig.use_rslora must be a bool, got {self.use_rslora!r}.")
         if self.init not in INITS:
             raise ValueError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}.")
-        try:
-            dtype = jnp.dtype(self.param_dtype)
-        except TypeError:
-            dtype = None
-        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-            raise ValueError(
-                f"LoraConfig.param_dtype must be a floating dtype, got {self.param_dtype!r}."
-            )
-        set_("param_dtype", dtype)
+        set_("param_dtype", _float_dtype("LoraConfig.param_dtype", self.param_dtype))
         trainable = (self.trainable,) if isinstance(self.trainable, str) else tuple(self.trainable)
         for pattern in trainable:
             _compile("trainable", pattern)
