@@ -34,7 +34,7 @@ from flax import traverse_util
 from flax.core import meta
 
 from lora_jax import quant
-from lora_jax.config import A_SUFFIX, B_SUFFIX, LORA, LoraConfig, QuantConfig, dtype_name
+from lora_jax.config import A_SUFFIX, B_SUFFIX, LORA, LoraConfig, dtype_name
 from lora_jax.tree import is_adapter, partition
 
 PathLike = str | os.PathLike
@@ -688,26 +688,16 @@ def _fit_quantize(config: LoraConfig, flat: Mapping) -> LoraConfig:
     qts = {k: v for k, v in flat.items() if quant.is_quantized(v)}
     if not qts:
         return dataclasses.replace(config, quantize=None)
-    kinds = {(q.fmt, q.block_size, q.double_quant, jnp.dtype(q.dtype).name) for q in qts.values()}
+    kinds = {q.quant_config() for q in qts.values()}
     if len(kinds) > 1:
         raise ValueError(
-            f"base_params mix 4-bit formats {sorted(kinds)} (fmt, block_size, double_quant, "
-            "dtype): one QuantConfig cannot describe them."
+            f"base_params mix 4-bit formats {sorted(map(repr, kinds))}: one QuantConfig cannot "
+            "describe them."
         )
-    fmt, block, double, dtype = kinds.pop()
     modules = tuple(sorted(k[len("params/") :].rsplit("/", 1)[0] for k in qts))
     kernel = config.quantize.kernel if config.quantize is not None else "auto"
-    return dataclasses.replace(
-        config,
-        quantize=QuantConfig(
-            fmt=fmt,
-            block_size=block,
-            double_quant=double,
-            compute_dtype=dtype,
-            targets=modules,
-            kernel=kernel,
-        ),
-    )
+    quantize = dataclasses.replace(kinds.pop(), targets=modules, kernel=kernel)
+    return dataclasses.replace(config, quantize=quantize)
 
 
 def _check_base(directory: Path, fingerprint: Mapping, flat: Mapping, tensors: Mapping) -> None:

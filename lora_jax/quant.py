@@ -30,7 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
+from flax import struct, traverse_util
 from flax.core import meta
 
 from lora_jax.config import QuantConfig
@@ -122,6 +122,16 @@ class QuantizedTensor:
         """The dense kernel, in `dtype` (default: `self.dtype`)."""
         return dequantize(self, dtype)
 
+    def quant_config(self) -> QuantConfig:
+        """The `QuantConfig` (format, block size, double quantization, compute dtype) that
+        quantized this tensor; targets and kernel choice at their defaults."""
+        return QuantConfig(
+            fmt=self.fmt,
+            block_size=self.block_size,
+            double_quant=self.double_quant,
+            compute_dtype=self.dtype,
+        )
+
     def __repr__(self) -> str:
         return (
             f"QuantizedTensor(shape={self.shape}, fmt={self.fmt!r}, block_size={self.block_size}, "
@@ -168,7 +178,7 @@ def _decode(codes: Array, table: tuple[float, ...] | Array) -> Array:
 
 
 def _check_shape(shape: tuple[int, ...], n_lead: int, n_in: int, block: int, path: str):
-    if len(shape) < n_lead + n_in + 1 or n_in < 1 or len(shape) < 2:
+    if len(shape) < n_lead + n_in + 1 or n_in < 1:
         raise ValueError(
             f"Cannot quantize '{path}': a kernel needs at least one contraction and one output "
             f"axis after {n_lead} leading axes, got shape {shape}."
@@ -251,12 +261,7 @@ def quantize_array(
 
 def requantize_like(w: Array, like: QuantizedTensor, path: str = "kernel") -> QuantizedTensor:
     """Quantizes a dense kernel with the format, blocks and axes of `like`."""
-    cfg = QuantConfig(
-        fmt=like.fmt,
-        block_size=like.block_size,
-        double_quant=like.double_quant,
-        compute_dtype=like.dtype,
-    )
+    cfg = like.quant_config()
     return quantize_array(w, cfg, n_lead=len(like.lead_shape), n_in=len(like.in_shape), path=path)
 
 
@@ -333,8 +338,6 @@ def quantize(
       objects. Host (numpy) leaves move to the device one at a time, so a model read from
       disk never needs its dense copy in device memory.
     """
-    from flax import traverse_util  # local: keeps quant a leaf module for import order
-
     boxed = traverse_util.flatten_dict(dict(params), sep="/")
     flat = {k: unboxed(v) for k, v in boxed.items()}
     if paths is None:

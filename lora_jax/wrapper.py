@@ -185,15 +185,14 @@ def _quantizable(cfg: LoraConfig, rule: Rule | None, path: str) -> bool:
 
 
 def _check_quantized(path: str, qt: quant.QuantizedTensor, qcfg: QuantConfig) -> None:
-    found = (qt.fmt, qt.block_size, qt.double_quant, jnp.dtype(qt.dtype))
-    expected = (qcfg.fmt, qcfg.block_size, qcfg.double_quant, qcfg.compute_dtype)
-    if found != expected:
-        names = ("fmt", "block_size", "double_quant", "compute_dtype")
-        diff = ", ".join(
-            f"{n}={f!r} (QuantConfig says {e!r})"
-            for n, f, e in zip(names, found, expected, strict=True)
-            if f != e
-        )
+    found = qt.quant_config()
+    names = ("fmt", "block_size", "double_quant", "compute_dtype")
+    diff = ", ".join(
+        f"{n}={getattr(found, n)!r} (QuantConfig says {getattr(qcfg, n)!r})"
+        for n in names
+        if getattr(found, n) != getattr(qcfg, n)
+    )
+    if diff:
         raise ValueError(f"'{path}' was quantized with {diff}: make the QuantConfig match.")
 
 
@@ -201,12 +200,18 @@ def _record_quantized(cfg: LoraConfig, rule: Rule, module, path, args, kwargs, t
     """At init: notes which kernels `cfg.quantize` selects and how their axes split."""
     if cfg.quantize is None or not _quantizable(cfg, rule, path):
         return
+    param = f"{path}/{rule.param}" if path else rule.param  # the model may be the layer
+    if cfg.is_trainable_extra(param):
+        raise ValueError(
+            f"LoraConfig.trainable selects '{param}', which QuantConfig quantizes: a 4-bit "
+            "kernel cannot be trained in full. Exclude it from QuantConfig.targets "
+            "(QuantConfig.exclude) or from LoraConfig.trainable."
+        )
     shape = jnp.shape(quant.unboxed(module.get_variable("params", rule.param)))
     split = rule.split(module, shape, args, kwargs)
     trace.quantized.add(path)
     recorder = _QUANTIZED.get()
     if recorder is not None:
-        param = f"{path}/{rule.param}" if path else rule.param  # the model may be the layer
         recorder[f"params/{param}"] = (split.n_batch, split.n_in, len(shape))
 
 
@@ -317,12 +322,6 @@ def _mark_extras(cfg: LoraConfig, module, path: str, trace: _Trace) -> None:
         if name.endswith((A_SUFFIX, B_SUFFIX)) or not cfg.is_trainable_extra(param_path):
             continue
         value = quant.unboxed(module.get_variable("params", name))
-        if quant.is_quantized(value):
-            raise ValueError(
-                f"LoraConfig.trainable selects '{param_path}', which QuantConfig quantizes: a "
-                "4-bit kernel cannot be trained in full. Exclude it from QuantConfig.targets "
-                "(QuantConfig.exclude) or from LoraConfig.trainable."
-            )
         if not jnp.issubdtype(jnp.result_type(value), jnp.floating):
             raise ValueError(
                 f"LoraConfig.trainable selects '{param_path}', a {jnp.result_type(value)} "
@@ -385,11 +384,9 @@ def init(lora_model: LoRA, rng, *args, base_params: Mapping | None = None, **kwa
     if base_params is None:
         with _recording() as targets:
             variables = lora_model.init(rngs, *args, **kwargs)
-        _check_extras_not_quantized(variables, targets)
         return _quantize_base(variables, targets, qcfg)
     with _recording() as targets:
         abstract = jax.eval_shape(lambda r, *a: lora_model.init(r, *a, **kwargs), rngs, *args)
-    _check_extras_not_quantized(abstract, targets)
     base = _as_variables(base_params, abstract)
     _check_fits(base, abstract)
     base = _quantize_base(base, targets, qcfg)
@@ -419,19 +416,6 @@ def _recording():
         yield targets
     finally:
         _QUANTIZED.reset(token)
-
-
-def _check_extras_not_quantized(variables: Mapping, targets: Mapping) -> None:
-    markers = traverse_util.flatten_dict(dict(variables).get(LORA, {}), sep="/")
-    for marker in markers:
-        if marker.endswith(TRAINABLE_SUFFIX):
-            param = "params/" + marker[: -len(TRAINABLE_SUFFIX)]
-            if param in targets:
-                raise ValueError(
-                    f"LoraConfig.trainable selects '{param[len('params/') :]}', which "
-                    "QuantConfig quantizes: a 4-bit kernel cannot be trained in full. Exclude "
-                    "it from QuantConfig.targets (QuantConfig.exclude) or LoraConfig.trainable."
-                )
 
 
 def _quantize_base(variables: Mapping, targets: Mapping, qcfg: QuantConfig | None) -> dict:

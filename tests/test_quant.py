@@ -411,14 +411,16 @@ def test_init_without_base_params_quantizes_random_base(llama):
 # --------------------------------------------------------------------------- bad input
 
 
-def test_quantized_tree_with_config_without_quantize(llama):
+@pytest.fixture(scope="module")
+def qparams(llama):
+    """The tiny Llama with a 4-bit q_proj and its adapter."""
     model, tokens, base = llama
-    qparams = lj.init(
-        lj.LoRA(model, lj.LoraConfig(targets=("q_proj",), quantize=QC())),
-        jax.random.key(0),
-        tokens,
-        base_params=base,
-    )
+    cfg = lj.LoraConfig(targets=("q_proj",), quantize=QC())
+    return lj.init(lj.LoRA(model, cfg), jax.random.key(0), tokens, base_params=base)
+
+
+def test_quantized_tree_with_config_without_quantize(llama, qparams):
+    model, tokens, _ = llama
     quantized_base = lj.merge(qparams, requantize=True)[0]
     plain = lj.LoRA(model, lj.LoraConfig(targets=("q_proj",)))
     with pytest.raises(ValueError, match="q_proj/kernel.*LoraConfig.quantize is None"):
@@ -429,14 +431,8 @@ def test_quantized_tree_with_config_without_quantize(llama):
         plain.apply(qparams, tokens)
 
 
-def test_quantized_tree_with_other_format(llama):
-    model, tokens, base = llama
-    qparams = lj.init(
-        lj.LoRA(model, lj.LoraConfig(targets=("q_proj",), quantize=QC())),
-        jax.random.key(0),
-        tokens,
-        base_params=base,
-    )
+def test_quantized_tree_with_other_format(llama, qparams):
+    model, tokens, _ = llama
     other = lj.LoRA(model, lj.LoraConfig(targets=("q_proj",), quantize=QC(block_size=32)))
     with pytest.raises(
         ValueError,
