@@ -3,9 +3,11 @@
 #
 #   bash benchmarks/gpu.sh                 # every stage below, one after the other
 #   bash benchmarks/gpu.sh 1b:finetune mfu # only these stages
+#   bash benchmarks/gpu.sh qmatmul@90 mfu@240   # each stage stopped after so many seconds
 #
 # Stages (each a separate process, so that each starts with the GPU's memory free):
-#   qmatmul (benchmarks/qmatmul.py: the 4-bit matmul, M in {1,16,128,4096}, K=N=4096)
+#   qmatmul (benchmarks/qmatmul.py: the 4-bit matmul, M in {1,16,128,4096}, K=N=4096, each
+#           path checked against a float32 reference first)
 #   1b:finetune  1b:peers,quantized,merge  3b:finetune  3b:peers,quantized,merge  mfu
 # `SIZE:CASES` runs `python -m benchmarks.run --size SIZE --cases CASES`; `mfu` runs the MFU
 # case on Llama-3-8B shapes at 4096 tokens (and PEFT at the same config). Every stage adds its
@@ -13,6 +15,8 @@
 # redraws the plots in docs/img/. With $OUT set (the lent machines), the results and plots are
 # copied there after each stage (`python -m benchmarks.report FILE.json --plots docs/img`
 # redraws tables and plots from a results file anywhere). Extra arguments for every stage: BENCH_ARGS="--runs 20".
+# `STAGE@SECONDS` stops a stage after SECONDS (the cases it finished are kept in the results):
+# for a machine lent for a fixed time.
 # Attention: the bf16 models are built with LlamaConfig(attention="cudnn") (cuDNN's fused
 # flash kernel, as PyTorch's SDPA); BENCH_ARGS="--attention xla" runs XLA's unfused attention
 # instead (at 8B and 4096 tokens its scores do not fit in the GPU's memory).
@@ -22,6 +26,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # lora_jax from this checkout, installed or not
 
 if ! "$PY" -c "import qwix" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/bench-site .whl/*.whl \
@@ -36,14 +41,27 @@ if [ ${#stages[@]} -eq 0 ]; then
   stages=(qmatmul 1b:finetune 1b:peers,quantized,merge 3b:finetune 3b:peers,quantized,merge mfu)
 fi
 "$PY" -c "import jax; print('JAX', jax.__version__, jax.devices())" || exit 1
+"$PY" - <<'VERSIONS'
+import importlib
+found = []
+for name in ("jaxlib", "flax", "optax", "orbax.checkpoint", "qwix", "torch", "transformers", "peft", "triton"):
+    try:
+        found.append(f"{name} {getattr(importlib.import_module(name), '__version__', '?')}")
+    except Exception as e:  # noqa: BLE001
+        found.append(f"{name} missing ({type(e).__name__})")
+print("; ".join(found))
+VERSIONS
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || true
 
 status=0
 for stage in "${stages[@]}"; do
-  echo "=== stage $stage ($(date -u +%H:%M:%S))"
+  limit=0  # seconds; 0: no limit
+  if [[ $stage == *@* ]]; then limit=${stage##*@}; stage=${stage%@*}; fi
+  echo "=== stage $stage ($(date -u +%H:%M:%S)$([ "$limit" != 0 ] && echo ", at most ${limit} s"))"
+  run=(timeout --signal=TERM --kill-after=10 "$limit")
   if [ "$stage" = qmatmul ]; then  # the 4-bit matmul alone: Pallas kernel vs XLA vs bf16
-    "$PY" benchmarks/qmatmul.py --json benchmarks/results/gpu-qmatmul.json || status=1
-    [ -n "${OUT:-}" ] && cp benchmarks/results/gpu-qmatmul.json "$OUT/"
+    "${run[@]}" "$PY" -m benchmarks.qmatmul --json benchmarks/results/gpu-qmatmul.json || status=1
+    [ -n "${OUT:-}" ] && cp benchmarks/results/gpu-qmatmul.json "$OUT/" 2>/dev/null
     continue
   elif [ "$stage" = mfu ]; then
     args=(--cases mfu --mfu-size 8b)
@@ -51,7 +69,7 @@ for stage in "${stages[@]}"; do
     args=(--size "${stage%%:*}" --cases "${stage#*:}")
   fi
   # shellcheck disable=SC2086
-  "$PY" -m benchmarks.run "${args[@]}" --plots "${BENCH_PLOTS:-docs/img}" ${BENCH_ARGS:-} || status=1
+  "${run[@]}" "$PY" -m benchmarks.run "${args[@]}" --plots "${BENCH_PLOTS:-docs/img}" ${BENCH_ARGS:-} || status=1
   if [ -n "${OUT:-}" ]; then  # the JSON, its tables, and the plots in one archive
     cp benchmarks/results/gpu-*.json benchmarks/results/gpu-*.md "$OUT/" 2>/dev/null
     tar czf "$OUT/gpu-plots.tgz" docs/img/gpu-*.png 2>/dev/null

@@ -8,6 +8,11 @@ double quantization), times in bfloat16:
 and the same for the backward input-gradient product g @ W.T ("bwd" rows). Median of 10 runs
 after a warm-up, with block_until_ready. Ratios are to bf16 in the same run.
 
+Before timing, every 4-bit path is checked against a float32 reference (the dequantized kernel,
+HIGHEST precision) on fresh random inputs: relative error ||out - ref|| / ||ref|| per M and
+direction, at the timed shape and at an awkward one (K padded to the block, N not a multiple
+of 128), so that a kernel that computes the wrong thing never gets a time.
+
 The Pallas kernel targets the GPU (Triton); elsewhere it would run in interpret mode, which is
 a correctness tool, so the `pallas` rows are skipped off GPU.
 
@@ -37,6 +42,31 @@ def median_ms(fn, *args, runs=10):
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
+
+
+def rel_error(fn, inp, qt, transpose: bool) -> float:
+    """||fn(inp, qt) - ref|| / ||ref|| against the float32 product with the dequantized kernel."""
+    w = quant.dequantize(qt, jnp.float32)
+    w = w.T if transpose else w
+    ref = jnp.dot(inp.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)
+    out = fn(inp, qt).astype(jnp.float32)
+    return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+
+
+def check(paths: dict, ms, shapes, tol: float = 2e-2) -> list[dict]:
+    """Relative errors of the 4-bit `paths` for each (K, N) in `shapes`, M in `ms`, both ways."""
+    rows = []
+    for k, n in shapes:
+        w = jax.random.normal(jax.random.key(k * 7 + n), (k, n), jnp.float32) * 0.02
+        qt = quant.quantize_array(w, lj.QuantConfig(compute_dtype=jnp.bfloat16))
+        for m in ms:
+            for direction, width in (("fwd", k), ("bwd", n)):
+                inp = jax.random.normal(jax.random.key(m + width), (m, width), jnp.bfloat16)
+                for name, (fwd, bwd) in paths.items():
+                    err = rel_error(fwd if direction == "fwd" else bwd, inp, qt, direction == "bwd")
+                    rows.append({"k": k, "n": n, "m": m, "direction": direction, "path": name,
+                                 "rel_error": err, "ok": bool(err < tol)})
+    return rows
 
 
 def main(argv=None):
@@ -69,8 +99,17 @@ def main(argv=None):
             jax.jit(lambda g, q: dequant_matmul.pallas_matmul(g, q, transpose=True)),
             qt,
         )
+    ms = [int(s) for s in args.ms.split(",")]
+    paths = {name: (fwd, bwd) for name, (fwd, bwd, _) in cases.items() if name != "bf16"}
+    checks = check(paths, ms, [(args.k, args.n), (1000, 1040)])
+    worst = {name: max(r["rel_error"] for r in checks if r["path"] == name) for name in paths}
+    print("correctness (max relative error vs float32 reference): "
+          + ", ".join(f"{n} {e:.2e}" for n, e in worst.items()))
+    bad = [r for r in checks if not r["ok"]]
+    for r in bad:
+        print(f"  WRONG: {r}")
     rows = []
-    for m in (int(s) for s in args.ms.split(",")):
+    for m in ms:
         x = jax.random.normal(jax.random.key(1), (m, args.k), bf16)
         g = jax.random.normal(jax.random.key(2), (m, args.n), bf16)
         for direction, inp in (("fwd", x), ("bwd", g)):
@@ -90,6 +129,8 @@ def main(argv=None):
         "n": args.n,
         "bits_per_weight": qt.bits_per_weight,
         "rows": rows,
+        "correctness": checks,
+        "correct": not bad,
         "pallas": "measured" if gpu else "skipped: not a GPU backend",
     }
     names = list(cases)
@@ -117,6 +158,8 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
+    if bad:
+        raise SystemExit(f"{len(bad)} of {len(checks)} correctness checks failed")
     return report
 
 

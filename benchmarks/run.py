@@ -109,8 +109,10 @@ def main(argv=None) -> dict:
     report.setdefault("sizes", {})
     print(f"JAX {info['jax']} on {info['backend']} ({info['device_kind']}); {args.runs} rounds; "
           f"results -> {base}.json", flush=True)
-    log = lambda s: print(s, flush=True)  # noqa: E731
+    t0 = time.perf_counter()
+    log = lambda s: print(f"[{time.perf_counter() - t0:6.1f}s] {s}", flush=True)  # noqa: E731
     for size_name in args.sizes:
+        cache: dict = {}  # base weights and compiled LoRA steps, shared by the cases of a size
         for case in args.case_list:
             sname = args.mfu_size if case == "mfu" else size_name
             if case == "mfu" and sname in report["sizes"] and "mfu" in report["sizes"][sname] \
@@ -118,7 +120,8 @@ def main(argv=None) -> dict:
                 continue  # the mfu case has its own size: run it once
             sz = c.size(sname, batch=args.batch, seq=args.seq, rank=args.rank,
                         attention=args.attention)
-            ctx = c.Context(size=sz, runs=args.runs, quick=args.quick, log=log)
+            ctx = c.Context(size=sz, runs=args.runs, quick=args.quick, log=log,
+                            cache=cache if case != "mfu" else {})
             log(f"[{sname}] {case}: {sz.describe()}")
             start = time.perf_counter()
             try:
