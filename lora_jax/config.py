@@ -134,9 +134,10 @@ class QuantConfig:
       targets: which layers to quantize, spelled like `LoraConfig.targets`; None quantizes
         the kernels of the adapted layers.
       exclude: layers removed from `targets`, spelled like `LoraConfig.targets`.
-      kernel: the dequantizing matmul: "auto" (the fused Pallas kernel on GPU when the
-        shapes suit it, else XLA), "xla" (dequantize, then dot) or "pallas" (always the
-        Pallas kernel; on a backend other than GPU it runs in interpret mode, for tests).
+      kernel: the dequantizing matmul: "auto" (the fastest measured path: XLA's on every
+        backend today), "xla" (dequantize, then dot; XLA fuses the decoding) or "pallas"
+        (the fused Pallas kernel, which never writes a dense kernel; on a backend other than
+        GPU it runs in interpret mode, for tests; on an H200 it is slower than "xla").
     """
 
     fmt: str = "nf4"

@@ -435,7 +435,10 @@ def _matmul(kernel: str, x: Array, qt: QuantizedTensor, *, transpose: bool) -> A
     """x (M, K) @ W (K, N), or with `transpose` x (M, N) @ W.T, in x's dtype."""
     from lora_jax.kernels import dequant_matmul  # kernels import quant's tables
 
-    if dequant_matmul.use_pallas(kernel, x, qt, transpose=transpose):
+    # "auto" is XLA's dequantize-then-dot on every backend: on an H200 the Pallas kernel took
+    # 1.3-3.2x a bf16 x @ W (M in {1, 16, 128, 4096}, K = N = 4096), XLA's path 0.93-1.39x
+    # (benchmarks/qmatmul.py, docs/qlora.md). Only kernel="pallas" selects the kernel.
+    if kernel == "pallas":
         return dequant_matmul.pallas_matmul(x, qt, transpose=transpose)
     w = _dequantize_after(x, qt)
     dims = (((1,), (1 if transpose else 0,)), ((), ()))

@@ -15,7 +15,6 @@ any K (padded to the block size) and any N that is a multiple of the tile width 
 from __future__ import annotations
 
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -140,37 +139,3 @@ def pallas_matmul(
         name="lora_jax_dequant_matmul" + ("_t" if transpose else ""),
     )(x, qt.codes, scales)
     return y[:m, : qt.k] if transpose else y[:m]
-
-
-@functools.cache
-def _gpu_kernel_works() -> bool:
-    """Compiles the kernel once on a small problem; on failure warns and returns False."""
-    from lora_jax.config import QuantConfig
-    from lora_jax.quant import quantize_array
-
-    try:
-        w = jnp.ones((256, 128), jnp.float32)
-        qt = quantize_array(w, QuantConfig(block_size=64))
-        x = jax.ShapeDtypeStruct((16, 256), jnp.bfloat16)
-        g = jax.ShapeDtypeStruct((16, 128), jnp.bfloat16)
-        jax.jit(lambda x: pallas_matmul(x, qt)).lower(x).compile()
-        jax.jit(lambda g: pallas_matmul(g, qt, transpose=True)).lower(g).compile()
-        return True
-    except Exception as e:  # noqa: BLE001 - any lowering failure means: use XLA
-        warnings.warn(
-            f"lora_jax: the Pallas dequant-matmul kernel does not compile on this GPU "
-            f"({type(e).__name__}: {e}); using the XLA path. Set QuantConfig(kernel='xla') "
-            "to silence this, or kernel='pallas' to see the error.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return False
-
-
-def use_pallas(kernel: str, x: jax.Array, qt: QuantizedTensor, *, transpose: bool) -> bool:
-    """Whether `kernel` ("auto", "xla", "pallas") selects the Pallas kernel for this call."""
-    if kernel == "xla":
-        return False
-    if kernel == "pallas":
-        return True
-    return jax.default_backend() == "gpu" and supported(qt) and _gpu_kernel_works()
