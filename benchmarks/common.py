@@ -192,6 +192,40 @@ def loss_for(sz: Size):
     return lm_loss if sz.chunked_loss is None else chunked_lm_loss(sz.chunked_loss)
 
 
+# --------------------------------------------------------------------------- model FLOPs
+
+
+def model_flops_per_token(sz: Size, targets: tuple[str, ...] | None = ALL_LINEAR) -> dict:
+    """The model FLOPs of one training token of the size's model, by part; no recomputation.
+
+    LoRA on `targets` (`targets=None`: full fine-tuning). N = the multiply-adds of the blocks'
+    kernels and the output head per token.
+      LoRA:  frozen kernels 4N (2N forward + 2N activation gradient; no weight gradient),
+             adapters 6 r (K + N) per adapted K x N kernel (forward, input and weight grads)
+      full:  every kernel 6N (forward, activation and weight gradients)
+      both:  attention 6 s d per layer (QK^T and AV: 4 s d forward, twice that backward,
+             halved by the causal mask), d = heads x head_dim, s = sequence length
+    These counts are the theory the measured times are held against: XLA's `cost_analysis`
+    does not count library calls (cuBLAS products, cuDNN attention) on a GPU.
+    """
+    m = sz.model
+    h, hd, i = m.hidden_size, m.head_dim, m.intermediate_size
+    kernels = {  # name -> (K, N) of one layer's kernel
+        "q_proj": (h, m.num_heads * hd), "k_proj": (h, m.num_kv_heads * hd),
+        "v_proj": (h, m.num_kv_heads * hd), "o_proj": (m.num_heads * hd, h),
+        "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+    }
+    n = m.num_layers * sum(k * o for k, o in kernels.values()) + h * m.vocab_size
+    attention = m.num_layers * 6 * sz.seq * m.num_heads * hd
+    if targets is None:
+        return {"weights": 6 * n, "adapters": 0, "attention": attention,
+                "total": 6 * n + attention, "n_matmul": n}
+    adapters = m.num_layers * sum(6 * sz.rank * (k + o) for name, (k, o) in kernels.items()
+                                  if name in targets)
+    return {"frozen": 4 * n, "adapters": adapters, "attention": attention,
+            "total": 4 * n + adapters + attention, "n_matmul": n}
+
+
 # --------------------------------------------------------------------------- compiled programs
 
 

@@ -16,7 +16,7 @@ of 128), so that a kernel that computes the wrong thing never gets a time.
 The Pallas kernel targets the GPU (Triton); elsewhere it would run in interpret mode, which is
 a correctness tool, so the `pallas` rows are skipped off GPU.
 
-Run: python benchmarks/qmatmul.py [--k 4096] [--n 4096] [--ms 1,16,128,4096] [--json PATH]
+Run: python -m benchmarks.qmatmul [--k 4096] [--n 4096] [--ms 1,16,128,4096] [--json PATH]
 """
 
 from __future__ import annotations

@@ -26,23 +26,6 @@ MEASURED_PEAK = 800e12  # bf16 matmul measured on the lent H100s
 MFU_GOAL, MFU_STRETCH, PEFT_GOAL = 0.40, 0.50, 1.3
 
 
-def model_flops_per_token(sz: c.Size, targets=c.ALL_LINEAR) -> dict:
-    """The model FLOPs of one LoRA training token, by part (see the module docstring)."""
-    m = sz.model
-    h, hd, i = m.hidden_size, m.head_dim, m.intermediate_size
-    kernels = {  # name -> (K, N) of one layer's kernel
-        "q_proj": (h, m.num_heads * hd), "k_proj": (h, m.num_kv_heads * hd),
-        "v_proj": (h, m.num_kv_heads * hd), "o_proj": (m.num_heads * hd, h),
-        "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
-    }
-    n = m.num_layers * sum(k * o for k, o in kernels.values()) + h * m.vocab_size
-    adapters = m.num_layers * sum(6 * sz.rank * (k + o) for name, (k, o) in kernels.items()
-                                  if name in targets)
-    attention = m.num_layers * 6 * sz.seq * m.num_heads * hd
-    return {"frozen": 4 * n, "adapters": adapters, "attention": attention,
-            "total": 4 * n + adapters + attention, "n_matmul": n}
-
-
 def run(ctx: c.Context, *, peft: bool | None = None, remat: bool = False) -> dict:
     import jax
 
@@ -72,7 +55,7 @@ def run(ctx: c.Context, *, peft: bool | None = None, remat: bool = False) -> dic
     times = c.time_steps({"lora": step}, ctx.runs)["lora"]
     del step
     tokens_per_s = sz.tokens / (times["ms"] / 1e3)
-    flops = model_flops_per_token(sz)
+    flops = c.model_flops_per_token(sz)
     device = jax.devices()[0].device_kind
     peak = c.peak_flops(device)
     row = {

@@ -62,12 +62,14 @@ def run(ctx: c.Context) -> dict:
         r["targeted_ratio"] = c.ratio(r["targeted_bytes"], rows["lora"]["targeted_bytes"])
         r["memory_ratio"] = c.ratio(r["peak_bytes"], rows["lora"]["peak_bytes"])
         r["time_ratio"] = c.ratio(r["ms"], rows["lora"]["ms"])
-    return {"title": TITLE, "size": sz.describe(), "rows": rows}
+    kernel = "Pallas kernel" if QCFG.kernel == "pallas" else "XLA dequantize-then-dot"
+    return {"title": TITLE, "size": sz.describe(), "rows": rows, "dequant_kernel": kernel}
 
 
 def markdown(result: dict) -> str:
     out = [
-        f"**{TITLE}** — {result['size']}, all linear layers",
+        f"**{TITLE}** — {result['size']}, all linear layers"
+        + (f", 4-bit matmul: {result['dequant_kernel']}" if "dequant_kernel" in result else ""),
         "",
         "| step | frozen MB | frozen / lora | targeted kernels / lora (theory 0.258) | bits per quantized weight "
         "| peak MB | peak / lora | ms | time / lora |",
