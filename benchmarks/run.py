@@ -54,7 +54,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=None, help="override the LoRA rank")
     p.add_argument("--peft", action=argparse.BooleanOptionalAction, default=None,
                    help="run the PyTorch PEFT peer (default: on GPU only)")
-    p.add_argument("--remat", action="store_true", help="mfu case: rematerialize each block")
+    p.add_argument("--remat", nargs="?", const=True, default=False, metavar="POLICY",
+                   help="mfu case: rematerialize each block (LlamaConfig.remat): wholly, or "
+                        "selectively with a jax.checkpoint_policies name, e.g. "
+                        "dots_with_no_batch_dims_saveable")
     p.add_argument("--attention", choices=c.ATTENTION, default=None,
                    help="LlamaConfig.attention of the bf16 models: cuDNN's fused kernel ('cudnn', "
                         "the default on GPU) or XLA's unfused attention ('xla', the default "

@@ -245,8 +245,11 @@ def tiny_grads(tiny):
     return _value_and_grad(model, params)
 
 
-@pytest.mark.parametrize("options", [dict(scan_layers=True, remat=True), dict(remat=True)],
-                         ids=["scan+remat", "remat"])
+@pytest.mark.parametrize(
+    "options",
+    [dict(scan_layers=True, remat=True), dict(remat=True),
+     dict(scan_layers=True, remat="dots_with_no_batch_dims_saveable")],
+    ids=["scan+remat", "remat", "scan+selective-remat"])
 def test_scan_and_remat_compute_the_same_logits_and_grads(tiny, tiny_grads, options):
     _, params, apply = tiny
     other = Llama(LlamaConfig.tiny(**options))
@@ -323,5 +326,20 @@ def test_stack_layers_errors(tiny):
 
 @pytest.mark.parametrize("name", ["logical_axes", "scan_layers", "remat"])
 def test_layout_options_must_be_bools(name):
-    with pytest.raises(ValueError, match=rf"LlamaConfig.{name} must be a bool, got 1\."):
+    with pytest.raises(ValueError, match=rf"LlamaConfig.{name} must be a bool.*, got 1\."):
         LlamaConfig.tiny(**{name: 1})
+
+
+def test_remat_takes_a_checkpoint_policy_by_name():
+    with pytest.raises(ValueError, match=r"LlamaConfig.remat must be a bool or the name of a "
+                       r"jax.checkpoint_policies policy \(nothing_saveable, .*got 'dots'\."):
+        LlamaConfig.tiny(remat="dots")
+
+    def flops(remat):  # recomputation shows in the compiled gradient's FLOPs
+        model = Llama(LlamaConfig.tiny(remat=remat))
+        params = jax.eval_shape(model.init, jax.random.key(0), IDS)
+        grad = jax.jit(jax.grad(lambda p: causal_lm_loss(model.apply(p, IDS), IDS)))
+        return grad.lower(params).compile().cost_analysis()["flops"]
+
+    # Saving the linear layers' outputs recomputes less than full remat, more than none.
+    assert flops(False) < flops("dots_with_no_batch_dims_saveable") < flops(True)

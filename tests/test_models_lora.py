@@ -94,8 +94,9 @@ def _lora(options, base=None, rank=4):
 
 
 @needs_lifted
-def test_scan_remat_lora_identity_and_merge():
-    model, base, lora_model, params = _lora(dict(scan_layers=True, remat=True))
+@pytest.mark.parametrize("remat", [True, "dots_with_no_batch_dims_saveable"])
+def test_scan_remat_lora_identity_and_merge(remat):
+    model, base, lora_model, params = _lora(dict(scan_layers=True, remat=remat))
     flat = leaves_by_path(params)
     assert flat["params/layers/self_attn/q_proj/kernel_lora_a"].shape == (2, 64, 4)  # stacked
     assert flat["params/layers/mlp/down_proj/kernel_lora_b"].shape == (2, 4, 64)

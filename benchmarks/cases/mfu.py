@@ -26,14 +26,14 @@ MEASURED_PEAK = 800e12  # bf16 matmul measured on the lent H100s
 MFU_GOAL, MFU_STRETCH, PEFT_GOAL = 0.40, 0.50, 1.3
 
 
-def run(ctx: c.Context, *, peft: bool | None = None, remat: bool = False) -> dict:
+def run(ctx: c.Context, *, peft: bool | None = None, remat: bool | str = False) -> dict:
     import jax
 
     sz = ctx.size
     if remat:
         if "remat" not in {f.name for f in dataclasses.fields(sz.model)}:
             raise ValueError("This LlamaConfig has no `remat` option.")
-        sz = dataclasses.replace(sz, model=dataclasses.replace(sz.model, remat=True))
+        sz = dataclasses.replace(sz, model=dataclasses.replace(sz.model, remat=remat))
     # PEFT first, in its child process, while this process holds no large GPU buffers (JAX's
     # allocator keeps what it once took, so the other order could starve the child).
     peft = jax.default_backend() == "gpu" if peft is None else peft
@@ -83,7 +83,7 @@ def markdown(result: dict) -> str:
         f"{'met' if mfu >= MFU_GOAL else 'missed'} (goal {MFU_GOAL:.0%}, stretch {MFU_STRETCH:.0%})")
     out = [
         f"**{TITLE}** — {result['size']}, on {result['device']}"
-        + (", block remat" if r["remat"] else "")
+        + ({True: ", block remat", False: ""}.get(r["remat"], f", remat policy {r['remat']}"))
         + (f", cross-entropy in chunks of {r['chunked_loss']} tokens" if r["chunked_loss"] else ""),
         "",
         "| | value |",

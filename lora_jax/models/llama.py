@@ -13,7 +13,8 @@ Options for scaling out (all off by default, so the parameter tree stays plain):
   leading axis of size `num_layers` instead of at `layers_0/...`, `layers_1/...`. Variable
   collections other than "params" are broadcast across the layers (shared, not stacked).
   `stack_layers` / `unstack_layers` convert between the two layouts.
-- `remat`: each block is rematerialized (`nn.remat`) in the backward pass.
+- `remat`: each block is rematerialized (`nn.remat`) in the backward pass: wholly (`True`), or
+  selectively with a `jax.checkpoint_policies` policy named in `REMAT_POLICIES`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,14 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+# The `jax.checkpoint_policies` that take no arguments, by name: what `LlamaConfig.remat` accepts
+# besides a bool.
+REMAT_POLICIES = (
+    "nothing_saveable", "everything_saveable", "dots_saveable", "checkpoint_dots",
+    "dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims",
+)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LlamaConfig:
     """Shapes and dtypes of `Llama`, validated on construction.
@@ -55,7 +64,11 @@ class LlamaConfig:
       dtype, param_dtype: the compute dtype and the parameters' storage dtype.
       logical_axes: annotate the parameters with logical axis names (see the module docstring).
       scan_layers: run the blocks with `nn.scan`, parameters stacked on a leading layer axis.
-      remat: rematerialize each block's activations in the backward pass (`nn.remat`).
+      remat: rematerialize each block's activations in the backward pass (`nn.remat`):
+        False; True (keep only each block's input, recompute the rest); or the name of a
+        `jax.checkpoint_policies` policy for selective rematerialization, one of
+        `REMAT_POLICIES`, e.g. "dots_with_no_batch_dims_saveable" (keep the outputs of the
+        linear layers, recompute attention and the elementwise work).
       attention: `jax.nn.dot_product_attention`'s implementation: None (JAX's choice, the
         XLA path), "xla" or "cudnn" (fused flash attention on NVIDIA GPUs, bf16/fp16; needed
         for long sequences, where the XLA path keeps the full score matrix for the backward).
@@ -76,7 +89,7 @@ class LlamaConfig:
     param_dtype: Any = jnp.float32
     logical_axes: bool = False
     scan_layers: bool = False
-    remat: bool = False
+    remat: bool | str = False
     attention: str | None = None
 
     def __post_init__(self):
@@ -106,9 +119,12 @@ class LlamaConfig:
                 ok = False
             _check(ok, f"LlamaConfig.{name} must be a floating dtype, got {v!r}.")
             object.__setattr__(self, name, jnp.dtype(v))
-        for name in ("logical_axes", "scan_layers", "remat"):
+        for name in ("logical_axes", "scan_layers"):
             v = getattr(self, name)
             _check(isinstance(v, bool), f"LlamaConfig.{name} must be a bool, got {v!r}.")
+        _check(isinstance(self.remat, bool) or self.remat in REMAT_POLICIES,
+               "LlamaConfig.remat must be a bool or the name of a jax.checkpoint_policies policy "
+               f"({', '.join(REMAT_POLICIES)}), got {self.remat!r}.")
         _check(self.attention in (None, "xla", "cudnn"), "LlamaConfig.attention must be None, "
                f"'xla' or 'cudnn', got {self.attention!r}.")
 
@@ -303,7 +319,10 @@ class Llama(nn.Module):
                          param_dtype=cfg.param_dtype, embedding_init=embed_init,
                          name="embed_tokens")
         x, positions = embed(input_ids), jnp.broadcast_to(positions, (b, s))
-        block = nn.remat(LlamaBlock, prevent_cse=not cfg.scan_layers) if cfg.remat else LlamaBlock
+        block = LlamaBlock
+        if cfg.remat:
+            policy = None if cfg.remat is True else getattr(jax.checkpoint_policies, cfg.remat)
+            block = nn.remat(LlamaBlock, prevent_cse=not cfg.scan_layers, policy=policy)
         if cfg.scan_layers:
             x, _ = _scan(cfg)(block(cfg, name=LAYERS), x, positions, keep)
         else:
