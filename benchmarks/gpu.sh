@@ -16,7 +16,9 @@
 # copied there after each stage (`python -m benchmarks.report FILE.json --plots docs/img`
 # redraws tables and plots from a results file anywhere). Extra arguments for every stage: BENCH_ARGS="--runs 20".
 # `STAGE@SECONDS` stops a stage after SECONDS (the cases it finished are kept in the results):
-# for a machine lent for a fixed time.
+# for a machine lent for a fixed time. Seen on one H200 (JAX 0.11.2, 2026-11-25): qmatmul 67 s;
+# mfu 205 s (PEFT 24 s, base init 70 s, lj.init + compile 104 s); 1b:finetune 186 s (70 s of it
+# set-up), then quantized 61 s in the same process; peers at 1B did not finish in 37 s.
 # Attention: the bf16 models are built with LlamaConfig(attention="cudnn") (cuDNN's fused
 # flash kernel, as PyTorch's SDPA); BENCH_ARGS="--attention xla" runs XLA's unfused attention
 # instead (at 8B and 4096 tokens its scores do not fit in the GPU's memory).
