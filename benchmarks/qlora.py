@@ -8,8 +8,8 @@ and reports: bytes of the frozen parameters and bits per quantized weight; the c
 memory (memory_analysis: arguments, temporaries, outputs); the median step time over 5 runs
 after a warm-up. Ratios are to `lora`, taken in one run.
 
-Run: python benchmarks/qlora.py [--hidden 512] [--layers 4] [--batch 4] [--seq 128] [--dtype bfloat16]
-                                [--scan] [--json PATH]
+Run: python -m benchmarks.qlora [--hidden 512] [--layers 4] [--batch 4] [--seq 128] [--dtype bfloat16]
+                                 [--scan] [--json PATH]
 """
 
 from __future__ import annotations
@@ -17,115 +17,59 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 
 import jax
 import optax
 
 import lora_jax as lj
-from lora_jax.models import Llama, LlamaConfig, causal_lm_loss
-
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def nbytes(tree) -> int:
-    return sum(int(leaf.nbytes) for leaf in jax.tree.leaves(tree))
+from benchmarks import common as c
+from benchmarks.cases import peers
+from lora_jax.models import Llama, LlamaConfig
 
 
-def time_compiled(compiled, args, advance, runs=5):
-    times = []
-    for _ in range(runs + 1):
-        start = time.perf_counter()
-        out = jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-        args = advance(args, out)
-    return 1e3 * statistics.median(times[1:])
-
-
-def memory(compiled) -> dict:
-    mem = compiled.memory_analysis()
-    mb = lambda n: n / 2**20  # noqa: E731
+def measured(step: c.Step, figures: dict, runs: int) -> dict:
+    """The compiled step's memory (MB) and its median time over `runs` steps after a warm-up."""
     return {
-        "argument_mb": mb(mem.argument_size_in_bytes),
-        "temp_mb": mb(mem.temp_size_in_bytes),
-        "output_mb": mb(mem.output_size_in_bytes),
+        **{f"{k}_mb": c.mb(figures[f"{k}_bytes"]) for k in ("argument", "temp", "output")},
+        "step_ms": c.time_steps({"step": step}, runs)["step"]["ms"],
     }
 
 
 def lora_jax_case(model, base, batch, rank, quantize, runs):
-    cfg = lj.LoraConfig(rank=rank, alpha=2.0 * rank, targets=ALL_LINEAR, quantize=quantize)
+    cfg = lj.LoraConfig(rank=rank, alpha=2.0 * rank, targets=c.ALL_LINEAR, quantize=quantize)
     lora = lj.LoRA(model, cfg)
     params = lj.init(lora, jax.random.key(1), batch[:, :-1], base_params=base)
-    loss = lambda apply, b: causal_lm_loss(apply(b[:, :-1]), b[:, 1:])  # noqa: E731
-    step = lj.make_train_step(lora, loss, optax.adamw(1e-4))
+    step = lj.make_train_step(lora, c.lm_loss, optax.adamw(1e-4))
     trainable, frozen = lj.partition(params)
-    state = step.init(params)
-    args = (trainable, frozen, state, batch, None)
-    compiled = step.jitted.lower(*args).compile()
+    args = (trainable, frozen, step.init(params), batch, None)
     advance = lambda a, out: (out[0], a[1], out[1], a[3], a[4])  # noqa: E731
+    compiled, figures = c.compile_step(step.jitted, args, advance)
     quantized = [
         v
         for v in jax.tree.leaves(frozen, is_leaf=lj.quant.is_quantized)
         if lj.quant.is_quantized(v)
     ]
-    row = {
-        "frozen_mb": nbytes(frozen) / 2**20,
+    return {
+        "frozen_mb": c.mb(c.nbytes(frozen)),
         "bits_per_quantized_weight": (
             8 * sum(q.nbytes for q in quantized) / sum(q.size for q in quantized)
             if quantized
             else None
         ),
-        **memory(compiled),
-        "step_ms": time_compiled(compiled, args, advance, runs),
+        **measured(compiled, figures, runs),
     }
-    return row
 
 
 def qwix_case(model, batch, rank, runs):
     try:
-        import qwix
+        import qwix  # noqa: F401
     except ImportError:
         return {"skipped": "qwix is not installed (pip install -e '.[peers]')"}
-    rules = [
-        qwix.LoraRule(
-            module_path=".*(" + "|".join(ALL_LINEAR) + ")",
-            rank=rank,
-            alpha=2.0 * rank,
-            weight_qtype="nf4",
-            tile_size=64,
-        )
-    ]
-    qmodel = qwix.apply_lora_to_model(model, qwix.LoraProvider(rules))
-    # Random weights: memory and time do not depend on the values.
-    params = jax.jit(qmodel.init)(jax.random.key(0), batch[:, :-1])["params"]
-    is_adapter = lambda path: str(path[-1]).strip("[]'").endswith(("lora_a", "lora_b"))  # noqa: E731
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    trainable = {jax.tree_util.keystr(p): v for p, v in flat if is_adapter(p)}
-    tx = optax.adamw(1e-4)
-
-    def step(trainable, params, state, batch):
-        def objective(trainable):
-            merged = jax.tree_util.tree_map_with_path(
-                lambda p, v: trainable.get(jax.tree_util.keystr(p), v), params
-            )
-            logits = qmodel.apply({"params": merged}, batch[:, :-1])
-            return causal_lm_loss(logits, batch[:, 1:])
-
-        loss, grads = jax.value_and_grad(objective)(trainable)
-        updates, state = tx.update(grads, state, trainable)
-        return optax.apply_updates(trainable, updates), state, loss
-
-    jitted = jax.jit(step, donate_argnums=(0, 2))
-    args = (trainable, params, tx.init(trainable), batch)
-    compiled = jitted.lower(*args).compile()
-    frozen = [v for p, v in flat if not is_adapter(p)]
-    advance = lambda a, out: (out[0], a[1], out[1], a[3])  # noqa: E731
+    step, figures = peers.qwix_step(model, batch, rank, "nf4", c.lm_loss)
     return {
-        "frozen_mb": nbytes(frozen) / 2**20,
+        "frozen_mb": c.mb(figures["frozen_bytes"]),
         "bits_per_quantized_weight": None,
-        **memory(compiled),
-        "step_ms": time_compiled(compiled, args, advance, runs),
+        **measured(step, figures, runs),
     }
 
 
@@ -175,7 +119,7 @@ def main(argv=None):
         "backend": jax.default_backend(),
         "jax": jax.__version__,
         "config": {k: v for k, v in vars(args).items() if k != "json"}
-        | {"params": cfg.num_params(), "base_model_mb": nbytes(base) / 2**20},
+        | {"params": cfg.num_params(), "base_model_mb": c.mb(c.nbytes(base))},
         "results": results,
     }
     print(markdown(report))

@@ -6,7 +6,7 @@ double quantization), times in bfloat16:
   xla         dequantize(W) then x @ W (lora_jax's fallback path, QuantConfig(kernel="xla"))
   pallas      the fused dequant-matmul kernel (QuantConfig(kernel="pallas"); GPU only)
 and the same for the backward input-gradient product g @ W.T ("bwd" rows). Median of 10 runs
-after a warm-up, with block_until_ready. Ratios are to bf16 in the same run.
+after a warm-up, with block_until_ready (at least 5 runs). Ratios are to bf16 in the same run.
 
 Before timing, every 4-bit path is checked against a float32 reference (the dequantized kernel,
 HIGHEST precision) on fresh random inputs: relative error ||out - ref|| / ||ref|| per M and
@@ -23,25 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
 import lora_jax as lj
+from benchmarks import common as c
 from lora_jax import quant
 from lora_jax.kernels import dequant_matmul
-
-
-def median_ms(fn, *args, runs=10):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def rel_error(fn, inp, qt, transpose: bool) -> float:
@@ -115,9 +104,8 @@ def main(argv=None):
         for direction, inp in (("fwd", x), ("bwd", g)):
             times = {}
             for name, (fwd, bwd, weight) in cases.items():
-                times[name] = median_ms(
-                    fwd if direction == "fwd" else bwd, inp, weight, runs=args.runs
-                )
+                fn = fwd if direction == "fwd" else bwd
+                times[name] = c.time_fn(fn, inp, weight, runs=args.runs)["ms"]
             rows.append(
                 {"m": m, "direction": direction, **{f"{k}_ms": v for k, v in times.items()}}
             )

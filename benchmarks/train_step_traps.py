@@ -10,14 +10,12 @@ and prints FLOPs and bytes accessed (cost_analysis), compiled output/temp bytes
 (memory_analysis), median step time over 5 runs, and whether frozen leaves moved.
 All figures are ratios to `full` taken in one run.
 
-Run: python benchmarks/train_step_traps.py [--layers 4] [--batch 8] [--seq 128]
+Run: python -m benchmarks.train_step_traps [--layers 4] [--batch 8] [--seq 128]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,30 +23,20 @@ import numpy as np
 import optax
 
 import lora_jax as lj
+from benchmarks import common as c
 from lora_jax.models import Llama, LlamaConfig, causal_lm_loss
-
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def measure(jitted, args, advance, runs=5):
     """Compiles once, then times `runs` steps (after one warm-up), feeding each step's
     outputs to the next through `advance(args, outputs)` (donated buffers are not reused)."""
-    compiled = jitted.lower(*args).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    mem = compiled.memory_analysis()
-    times = []
-    for _ in range(runs + 1):
-        start = time.perf_counter()
-        out = jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-        args = advance(args, out)
+    step, f = c.compile_step(jitted, args, advance)
     return {
-        "flops": cost.get("flops", float("nan")),
-        "bytes": cost.get("bytes accessed", float("nan")),
-        "out_mb": mem.output_size_in_bytes / 2**20,
-        "temp_mb": mem.temp_size_in_bytes / 2**20,
-        "ms": 1e3 * statistics.median(times[1:]),  # the first run is warm-up
+        "flops": f["flops"],
+        "bytes": f["bytes_accessed"],
+        "out_mb": c.mb(f["output_bytes"]),
+        "temp_mb": c.mb(f["temp_bytes"]),
+        "ms": c.time_steps({"step": step}, runs)["step"]["ms"],
     }
 
 
@@ -64,7 +52,7 @@ def main(argv=None):
     model = Llama(LlamaConfig.small(vocab_size=256, num_layers=args.layers))
     ids = jax.random.randint(jax.random.key(0), (args.batch, args.seq + 1), 0, 256)
     base = model.init(jax.random.key(1), ids[:, :-1])
-    lora_model = lj.LoRA(model, lj.LoraConfig(rank=8, targets=ALL_LINEAR))
+    lora_model = lj.LoRA(model, lj.LoraConfig(rank=8, targets=c.ALL_LINEAR))
     params = lj.init(lora_model, jax.random.key(2), ids[:, :-1], base_params=base)
     loss = lambda apply, b: causal_lm_loss(apply(b[:, :-1]), b[:, 1:])
     adamw = optax.adamw(1e-3)

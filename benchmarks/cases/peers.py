@@ -50,14 +50,14 @@ def adapter_split(params):
     return trainable, frozen
 
 
-def qwix_step(model, batch, sz: c.Size, qtype: str | None, loss):
+def qwix_step(model, batch, rank: int, qtype: str | None, loss):
     """qwix LoRA (qtype None) or QLoRA ("nf4") on all linear layers: (Step, figures)."""
     import qwix
 
     rule = qwix.LoraRule(
         module_path=".*(" + "|".join(c.ALL_LINEAR) + ")",
-        rank=sz.rank,
-        alpha=2.0 * sz.rank,
+        rank=rank,
+        alpha=2.0 * rank,
         weight_qtype=qtype,
         tile_size=64 if qtype else None,
     )
@@ -104,7 +104,7 @@ def qwix_rows(ctx: c.Context) -> dict:
             ctx.log(f"  compiling {name}")
             model, batch, _ = finetune.setup(ctx, sz)
             try:
-                steps[name], figures[name] = qwix_step(model, batch, sz, qtype, c.loss_for(sz))
+                steps[name], figures[name] = qwix_step(model, batch, sz.rank, qtype, c.loss_for(sz))
             except Exception as e:  # noqa: BLE001 - a failing peer is a row, not a crash
                 errors[name] = f"qwix failed: {type(e).__name__}: {e}"
     ctx.log(f"  timing {len(steps)} steps")
