@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import lora_jax as lj
 from benchmarks import common as c
 from lora_jax import quant
-from lora_jax.kernels import dequant_matmul
+from lora_jax.quant import pallas as dequant_matmul
 
 
 def rel_error(fn, inp, qt, transpose: bool) -> float:

@@ -37,6 +37,7 @@ import jax
 import numpy as np
 import optax
 from flax import traverse_util
+from flax.core import meta
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -127,7 +128,7 @@ def run(args, mesh=None) -> dict:
         losses.append(float(loss))
         if jax.process_index() == 0 and (i % 10 == 0 or i == args.steps - 1):
             print(f"step {i:4d}  loss {losses[-1]:.4f}", flush=True)
-    trainable = lj.sharding.unbox(lj.partition(params)[0])
+    trainable = meta.unbox(lj.partition(params)[0])  # outside jit: no sharding constraint
     gathered = multihost_utils.process_allgather(trainable, tiled=True)
     flat = traverse_util.flatten_dict(gathered, sep="/")
     return {"losses": np.asarray(losses), **{k: np.asarray(v) for k, v in flat.items()}}

@@ -1,17 +1,16 @@
 """lora_jax: LoRA for JAX and Flax.
 
 Adapters on unmodified Flax models, pure tree transforms (labels, partition, merge), and a
-jit-compiled train step that differentiates only the adapters.
+jit-compiled train step that differentiates only the adapters. Extension points live in their
+own namespaces: `lora_jax.rules` (layer kinds), `lora_jax.adapters` (geometry, records,
+variants), `lora_jax.quant` (4-bit formats and matmul), `lora_jax.io` (files).
 """
 
-from lora_jax.checkpoint import CheckpointManager, TrainState, load_adapter, save_adapter
+from lora_jax import adapters, io, quant, rules
 from lora_jax.config import LoraConfig, QuantConfig
-from lora_jax.layers import ConvRule, EmbedRule, LinearRule, Rule, Split, register_rule
-from lora_jax.optim import optimizer
-from lora_jax.quant import QuantizedTensor, dequantize, quantize
-from lora_jax.sharding import param_shardings, partition_specs, shard
-from lora_jax.train import TrainStep, make_train_step
-from lora_jax.tree import (
+from lora_jax.io import Checkpoint, CheckpointManager, load_adapter, save_adapter
+from lora_jax.linen import LoRA, init, plan
+from lora_jax.ops import (
     RequantizeReport,
     Summary,
     combine,
@@ -21,29 +20,29 @@ from lora_jax.tree import (
     summary,
     trainable_paths,
 )
-from lora_jax.wrapper import LoRA, init
+from lora_jax.optim import optimizer
+from lora_jax.quant import QuantizedTensor, dequantize, quantize
+from lora_jax.sharding import param_shardings, partition_specs, shard
+from lora_jax.train import TrainStep, make_train_step
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "Checkpoint",
     "CheckpointManager",
-    "ConvRule",
-    "EmbedRule",
-    "LinearRule",
     "LoRA",
     "LoraConfig",
     "QuantConfig",
     "QuantizedTensor",
     "RequantizeReport",
-    "Rule",
-    "Split",
     "Summary",
-    "TrainState",
     "TrainStep",
     "__version__",
+    "adapters",
     "combine",
     "dequantize",
     "init",
+    "io",
     "labels",
     "load_adapter",
     "make_train_step",
@@ -52,8 +51,10 @@ __all__ = [
     "param_shardings",
     "partition",
     "partition_specs",
+    "plan",
+    "quant",
     "quantize",
-    "register_rule",
+    "rules",
     "save_adapter",
     "shard",
     "summary",

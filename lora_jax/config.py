@@ -20,16 +20,6 @@ INITS = ("kaiming", "gaussian")
 QUANT_FORMATS = ("nf4", "fp4", "int4")
 QUANT_KERNELS = ("auto", "xla", "pallas")
 
-# How the tree spells LoRA leaves: "params/<module>/<param>_lora_a" and "_lora_b" beside the
-# adapted parameter; "lora/<module>/<param>_lora_scale" and "lora/<module>/<param>_trainable"
-# in the metadata collection.
-LORA = "lora"
-A_SUFFIX, B_SUFFIX, SCALE_SUFFIX, TRAINABLE_SUFFIX = (
-    "_lora_a",
-    "_lora_b",
-    "_lora_scale",
-    "_trainable",
-)
 Pattern = tuple[tuple[str, Any], ...]
 
 
@@ -91,8 +81,12 @@ def _check_rank(field: str, value: Any) -> None:
 
 
 def _check_alpha(field: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"LoraConfig.{field} must be a positive number, got {value!r}.")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (value > 0 and math.isfinite(value))
+    ):
+        raise ValueError(f"LoraConfig.{field} must be a positive finite number, got {value!r}.")
 
 
 def matches_names(names: str | tuple[str, ...], path: str) -> bool:

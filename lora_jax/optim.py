@@ -13,8 +13,8 @@ from __future__ import annotations
 import optax
 from flax import traverse_util
 
-from lora_jax.config import B_SUFFIX
-from lora_jax.tree import FROZEN, TRAINABLE, Tree, trainable_paths
+from lora_jax import _paths
+from lora_jax.ops.partition import FROZEN, TRAINABLE, Tree, trainable_paths
 
 LORA_B = "lora_b"
 
@@ -39,20 +39,29 @@ def optimizer(
       An `optax.GradientTransformation`.
 
     Example:
-      >>> tx = lj.optimizer(optax.adamw(1e-3), params)  # doctest: +SKIP
+      >>> import jax.numpy as jnp, optax, lora_jax as lj
+      >>> params = {"params": {"q": {"kernel": jnp.ones((4, 4)), "kernel_lora_a": jnp.ones((4, 2)),
+      ...                            "kernel_lora_b": jnp.zeros((2, 4))}}}
+      >>> tx = lj.optimizer(optax.adamw(1e-3), params)
+      >>> trainable, _ = lj.partition(params)
+      >>> state = tx.init(trainable)  # state for the two adapter leaves only
     """
     if loraplus_lr_ratio is not None and not loraplus_lr_ratio > 0:
         raise ValueError(f"loraplus_lr_ratio must be positive, got {loraplus_lr_ratio!r}.")
     trainable = trainable_paths(params)
     use_b = loraplus_lr_ratio is not None
 
-    def label(path: tuple[str, ...], _) -> str:
+    def label(path: tuple[str, ...], _: object) -> str:
         key = "/".join(path)
         if key not in trainable:
             return FROZEN
-        return LORA_B if use_b and key.endswith(B_SUFFIX) else TRAINABLE
+        return LORA_B if use_b and _is_b(key) else TRAINABLE
 
     transforms = {TRAINABLE: tx, FROZEN: optax.set_to_zero()}
     if use_b:
         transforms[LORA_B] = optax.chain(tx, optax.scale(loraplus_lr_ratio))
     return optax.multi_transform(transforms, lambda tree: traverse_util.path_aware_map(label, tree))
+
+
+def _is_b(path: str) -> bool:
+    return _paths.is_adapter_leaf(path) and _paths.adapted_param(path)[1] == "b"

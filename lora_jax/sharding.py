@@ -27,33 +27,18 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
-from flax import traverse_util
 from flax.core import meta
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from lora_jax import quant
-from lora_jax.config import A_SUFFIX, B_SUFFIX, LORA
-from lora_jax.tree import Tree, is_adapter
+from lora_jax import _paths, _trees
+from lora_jax.adapters.plan import Plan
+from lora_jax.adapters.records import Record
+from lora_jax.adapters.variant import variant_for
+from lora_jax.quant.formats import QuantizedTensor
 
 MeshAxes = str | tuple[str, ...] | None
 Rules = Sequence[tuple[str, MeshAxes]]
-_MAX_LISTED = 10
-
-
-def unbox(tree: Any) -> Any:
-    """The tree with every sharding box (`nn.Partitioned`, ...) replaced by its value.
-
-    Unlike `flax.core.meta.unbox` this never adds a sharding constraint.
-    """
-    return jax.tree.map(_value, tree, is_leaf=_is_box)
-
-
-def rebox(boxed: Any, values: Any) -> Any:
-    """Puts `values` (a tree shaped like `unbox(boxed)`) back into the boxes of `boxed`.
-
-    Leaves whose value is unchanged come back as the very same objects.
-    """
-    return jax.tree.map(_rebox_leaf, boxed, values, is_leaf=_is_box)
+Tree = Mapping[str, Any]
 
 
 def auto_mesh(mesh: Mesh) -> Mesh:
@@ -84,32 +69,36 @@ def partition_specs(params: Tree, specs: Tree | None = None) -> dict:
 
     Returns:
       A tree shaped like `unbox(params)` with a `PartitionSpec` per leaf, in the spelling of
-      the input (mesh axes, or logical axis names). Adapters get their kernel's spec with the
-      rank axis None; the "lora" collection is replicated.
+      the input (mesh axes, or logical axis names). Adapter leaves get their kernel's spec
+      as their record's geometry maps it (the rank axis None); the "lora" collection's
+      records hold no arrays and are kept as they are.
 
     Raises:
       ValueError: a base leaf has no spec, a spec names a leaf that `params` lacks or has more
-        axes than its leaf, or an adapter's own spec or box disagrees with its kernel's.
+        axes than its leaf, an adapter leaf has no record, or an adapter's own spec or box
+        disagrees with its kernel's.
     """
-    flat = _flat(params)
+    flat = _trees.flat(params)
+    plan = Plan.of(params)
     given = _given(specs, flat) if specs is not None else {
         k: _box_spec(v)
         for k, v in flat.items()
-        if not is_adapter(k) or isinstance(v, meta.Partitioned)
+        if not _paths.is_adapter_leaf(k) or isinstance(v, meta.Partitioned)
     }
     missing = [k for k in flat if k not in given and not _is_lora(k)]
     _raise_listed("has no sharding spec (give one for every base leaf)", missing)
-    out = {k: (PartitionSpec() if k.startswith(LORA + "/") else _padded(k, flat[k], given[k]))
-           for k in flat if not is_adapter(k)}
+    out = {k: (v if _is_record(v) else _padded(k, v, given[k]))
+           for k, v in flat.items() if not _paths.is_adapter_leaf(k)}
     problems = []
-    for path in (k for k in flat if is_adapter(k)):
-        out[path] = _adapter_spec(path, flat, out)
+    for path in (k for k in flat if _paths.is_adapter_leaf(k)):
+        out[path] = _adapter_spec(path, flat, out, plan)
         own = given.get(path)
         if own is not None and _padded(path, flat[path], own) != out[path]:
+            kernel = _paths.adapted_param(path)[0]
             problems.append(f"Adapter '{path}' has spec {own} but its kernel's spec "
-                            f"{out[_kernel(path)]} gives {out[path]}.")
+                            f"{out[kernel]} gives {out[path]}.")
     _raise(problems)
-    return traverse_util.unflatten_dict(out, sep="/")
+    return _trees.unflat(out)
 
 
 def param_shardings(
@@ -134,7 +123,9 @@ def param_shardings(
         dimension does not divide evenly over its mesh axes.
     """
     mesh = auto_mesh(mesh)
-    flat_specs = _flat(partition_specs(params, specs))
+    all_specs = _trees.flat(partition_specs(params, specs))
+    records = {k: s for k, s in all_specs.items() if _is_record(s)}
+    flat_specs = {k: s for k, s in all_specs.items() if k not in records}
     if rules is not None:
         check_rules(rules, mesh)
         flat_specs = {k: to_mesh_spec(s, rules) for k, s in flat_specs.items()}
@@ -148,12 +139,12 @@ def param_shardings(
             f"{tuple(mesh.axis_names)}), e.g. leaf {example}. "
             + ("Fix the rules." if rules is not None else "Logical axis names (e.g. from "
                "nn.with_logical_partitioning) need rules= to map them to mesh axes."))
-    shapes = {k: shape_of(v) for k, v in _flat(params).items()}
+    shapes = {k: shape_of(v) for k, v in _trees.flat(params).items() if k not in records}
     _raise([p for k, s in flat_specs.items() for p in _spec_problems(f"Leaf '{k}'", shapes[k], s,
                                                                       mesh)])
-    values = {k: _value(v) for k, v in _flat(params).items()}
-    return traverse_util.unflatten_dict(
-        {k: _named(mesh, s, values[k]) for k, s in flat_specs.items()}, sep="/")
+    values = {k: _trees.unbox(v) for k, v in _trees.flat(params).items()}
+    named = {k: _named(mesh, s, values[k]) for k, s in flat_specs.items()}
+    return _trees.unflat({**named, **records})
 
 
 def check_rules(rules: Rules, mesh: Mesh) -> None:
@@ -220,7 +211,7 @@ def shard(tree: Any, shardings: Any) -> Any:
       tree: a pytree of arrays (sharding boxes allowed).
       shardings: a tree of `jax.sharding.Sharding`, shaped like `unbox(tree)`.
     """
-    return rebox(tree, jax.tree.map(_put, unbox(tree), shardings))
+    return _trees.rebox_tree(tree, jax.tree.map(_put, _trees.unbox_tree(tree), shardings))
 
 
 def shard_batch(batch: Any, sharding: NamedSharding) -> Any:
@@ -236,11 +227,11 @@ def shard_batch(batch: Any, sharding: NamedSharding) -> Any:
         p
         for key, leaf in leaves
         if not many or (isinstance(leaf, jax.Array) and not leaf.is_fully_addressable)
-        for p in _spec_problems(f"Batch leaf '{_keystr(key)}'", np.shape(leaf), sharding.spec,
+        for p in _spec_problems(f"Batch leaf '{_batch_path(key)}'", np.shape(leaf), sharding.spec,
                                 sharding.mesh)
     ]
     _raise(problems)
-    return jax.tree_util.tree_unflatten(treedef, [_put_rows(_keystr(k), v, sharding)
+    return jax.tree_util.tree_unflatten(treedef, [_put_rows(_batch_path(k), v, sharding)
                                                   for k, v in leaves])
 
 
@@ -254,9 +245,9 @@ def rule_axes(rules: Rules) -> set[str]:
     return {a for _, axes in rules for a in _axes(axes)}
 
 
-def shape_of(v) -> tuple[int, ...]:
+def shape_of(v: Any) -> tuple[int, ...]:
     """The shape of an array, `jax.ShapeDtypeStruct` or sharding box."""
-    v = _value(v)
+    v = _trees.unbox(v)
     return tuple(v.shape) if hasattr(v, "shape") else np.shape(v)
 
 
@@ -265,12 +256,12 @@ def shape_of(v) -> tuple[int, ...]:
 
 def _named(mesh: Mesh, spec: PartitionSpec, leaf):
     """A `NamedSharding` for a leaf; for a 4-bit kernel, one per field of its pytree."""
-    if not quant.is_quantized(leaf):
+    if not isinstance(leaf, QuantizedTensor):
         return NamedSharding(mesh, spec)
     return quantized_specs(leaf, spec, lambda s: NamedSharding(mesh, s))
 
 
-def quantized_specs(qt: quant.QuantizedTensor, spec: PartitionSpec, wrap=lambda s: s):
+def quantized_specs(qt: QuantizedTensor, spec: PartitionSpec, wrap=lambda s: s):
     """Specs for the fields of a `QuantizedTensor` from its dense kernel's spec.
 
     Leading (stacked-layer, batch) axes keep their entries; the output axis N of `codes` and
@@ -292,39 +283,16 @@ def quantized_specs(qt: quant.QuantizedTensor, spec: PartitionSpec, wrap=lambda 
         codes=matrix,
         scales=on("scales", PartitionSpec(*lead, None, n_entry)),
         scale_codes=on("scale_codes", PartitionSpec(*lead, None, None)),
-        scale_absmax=on("scale_absmax", PartitionSpec(*lead, None)),
-        scale_mean=on("scale_mean", PartitionSpec(*lead)),
+        scale_range=on("scale_range", PartitionSpec(*lead, None, None)),
     )
 
 
-def _is_box(x) -> bool:
-    return isinstance(x, meta.AxisMetadata)
-
-
-def _value(x):
-    if isinstance(x, meta.Partitioned):
-        return x.value
-    return x.unbox() if _is_box(x) else x
-
-
-def _rebox_leaf(boxed, value):
-    if _value(boxed) is value:
-        return boxed
-    return boxed.replace_boxed(value) if _is_box(boxed) else value
-
-
-def _flat(tree) -> dict[str, Any]:
-    if not isinstance(tree, Mapping):
-        raise TypeError(f"Expected a dict of variables, got {type(tree).__name__}.")
-    return traverse_util.flatten_dict(tree, sep="/")
+def _is_record(x: Any) -> bool:
+    return isinstance(x, Record)
 
 
 def _is_lora(path: str) -> bool:
-    return is_adapter(path) or path.startswith(LORA + "/")
-
-
-def _kernel(adapter_path: str) -> str:
-    return adapter_path[: -len(A_SUFFIX if adapter_path.endswith(A_SUFFIX) else B_SUFFIX)]
+    return _paths.is_adapter_leaf(path) or path.startswith(_paths.LORA + "/")
 
 
 def _box_spec(v) -> PartitionSpec:
@@ -343,13 +311,10 @@ def _as_spec(path: str, s) -> PartitionSpec:
 
 def _given(specs: Tree, flat: Mapping[str, Any]) -> dict[str, PartitionSpec]:
     """The user's base specs by full variables path ("params/..." added to a bare tree)."""
-    given = _flat(specs)
-    collections = {k.split("/", 1)[0] for k in flat}
-    if not {k.split("/", 1)[0] for k in given} <= collections:
-        given = {f"params/{k}": v for k, v in given.items()}
+    given = _trees.flat(_paths.as_variables(specs, "specs"))
     unknown = [k for k in given if k not in flat]
     _raise_listed("has a sharding spec but is not a leaf of the params", unknown)
-    return {k: _as_spec(k, v) for k, v in given.items()}
+    return {k: _as_spec(k, v) for k, v in given.items() if not _is_record(v)}
 
 
 def _padded(path: str, leaf, spec: PartitionSpec) -> PartitionSpec:
@@ -360,21 +325,21 @@ def _padded(path: str, leaf, spec: PartitionSpec) -> PartitionSpec:
     return PartitionSpec(*spec, *(None,) * (ndim - len(spec)))
 
 
-def _adapter_spec(path: str, flat: Mapping[str, Any], specs: Mapping[str, PartitionSpec]):
-    w_path = _kernel(path)
-    for p in (w_path, w_path + A_SUFFIX, w_path + B_SUFFIX):
-        if p not in flat:
-            raise ValueError(f"Adapter '{path}' has no '{p}' to take its sharding from.")
-    w, a, b = (shape_of(flat[p]) for p in (w_path, w_path + A_SUFFIX, w_path + B_SUFFIX))
-    n_batch, cut = len(a) + len(b) - 2 - len(w), len(a) - 1  # A: (batch..., in..., rank)
-    if not (0 <= n_batch < min(len(a), len(b)) and a[:-1] + b[n_batch + 1 :] == w):
-        raise ValueError(f"Adapter of '{w_path}' does not fit it: parameter shape {w}, A shape "
-                         f"{a}, B shape {b}; expected A (batch..., in..., rank) and B "
-                         "(batch..., rank, out...).")
-    w_spec = tuple(specs[w_path])
-    if path.endswith(A_SUFFIX):
-        return PartitionSpec(*w_spec[:cut], None)
-    return PartitionSpec(*w_spec[:n_batch], None, *w_spec[cut:])
+def _adapter_spec(
+    path: str, flat: Mapping[str, Any], specs: Mapping[str, PartitionSpec], plan: Plan
+) -> PartitionSpec:
+    """An adapter leaf's spec: its kernel's, mapped by the record's geometry."""
+    param, leaf, name = _paths.adapted_param(path)
+    record = plan.adapters.get((param, name))
+    if record is None or param not in flat:
+        missing = _paths.record_path(param, name) if record is None else param
+        raise ValueError(f"Adapter leaf '{path}' has no '{missing}' to take its sharding from.")
+    stored = shape_of(flat[param])
+    problems = record.geometry.problems(_paths.to_param(param), stored, {leaf: shape_of(flat[path])})
+    if problems:
+        raise ValueError(" ".join(problems))
+    axes = variant_for(record.variant).axes(record.geometry, tuple(specs[param]), len(stored))
+    return PartitionSpec(*axes[leaf])
 
 
 def _axes(entry: MeshAxes) -> tuple[str, ...]:
@@ -402,8 +367,8 @@ def _spec_problems(what: str, shape, spec: PartitionSpec, mesh: Mesh) -> list[st
     return problems
 
 
-def _keystr(key) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in key) or "batch"
+def _batch_path(key: tuple) -> str:
+    return _paths.keystr(key) or "batch"
 
 
 def _put_rows(path: str, leaf, sharding: NamedSharding):
@@ -431,12 +396,9 @@ def _put(x, sharding):
 
 
 def _raise(problems: list[str]) -> None:
-    if problems:
-        more = len(problems) - _MAX_LISTED
-        listed = "\n  ".join(problems[:_MAX_LISTED]) + (
-            f"\n  ... and {more} more." if more > 0 else "")
-        raise ValueError(problems[0] if len(problems) == 1 else
-                         f"{len(problems)} sharding problems:\n  {listed}")
+    if len(problems) == 1:
+        raise ValueError(problems[0])
+    _trees.raise_problems("Sharding does not fit", problems)
 
 
 def _raise_listed(what: str, paths: list[str]) -> None:

@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 import lora_jax as lj
-from lora_jax.checkpoint import CheckpointManager
+from lora_jax.io import CheckpointManager
 from lora_jax.models import Llama, LlamaConfig
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 import lora_jax as lj
-from lora_jax.checkpoint import CheckpointManager
+from lora_jax.io import CheckpointManager
 from lora_jax.models import Llama, LlamaConfig, causal_lm_loss
 
 BATCH, SEQ, SEED = 4, 32, 0

@@ -11,6 +11,8 @@ import numpy as np
 from flax import traverse_util
 from flax.core import meta
 
+import lora_jax as lj
+
 jax.config.update("jax_numpy_rank_promotion", "raise")
 # Eight CPU devices, so that the mesh tests (test_sharding.py) run in-process; everything else
 # still runs on device 0. Must precede the first use of a device; an XLA_FLAGS device count
@@ -53,8 +55,20 @@ def assert_close(actual, expected, dtype, reference=None):
 
 
 def leaves_by_path(tree):
-    return traverse_util.flatten_dict(tree, sep="/")
+    """Array leaves by '/'-joined path (the "lora" collection's records hold no arrays)."""
+    return {
+        k: v for k, v in traverse_util.flatten_dict(tree, sep="/").items()
+        if not isinstance(v, lj.adapters.Record)
+    }
 
 
 def same_arrays(a, b):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def records_by_path(tree):
+    """The "lora" collection's records by '/'-joined path."""
+    return {
+        k: v for k, v in traverse_util.flatten_dict(tree, sep="/").items()
+        if isinstance(v, lj.adapters.Record)
+    }

@@ -21,15 +21,8 @@ from flax import struct, traverse_util
 
 import lora_jax as lj
 from lora_jax import config as config_module
-from lora_jax.checkpoint import (
-    ADAPTER_CONFIG_FILE,
-    ADAPTER_FILE,
-    CheckpointManager,
-    config_from_dict,
-    config_to_dict,
-    load_adapter,
-    save_adapter,
-)
+from lora_jax.io import CheckpointManager, config_from_dict, config_to_dict, load_adapter, save_adapter
+from lora_jax.io.adapter_files import ADAPTER_CONFIG_FILE, ADAPTER_FILE
 from lora_jax.models import Llama, LlamaConfig, causal_lm_loss
 
 HERE = Path(__file__).resolve().parent
@@ -127,15 +120,20 @@ def test_adapter_files_hold_only_trainable_leaves_and_a_fingerprint(run, tmp_pat
     save_adapter(tmp_path, run["params"], run["cfg"])
     tensors = dict(safetensors.deserialize((tmp_path / ADAPTER_FILE).read_bytes()))
     flat = traverse_util.flatten_dict(run["params"], sep="/")
-    expected = {k for k in flat if k.endswith(("_lora_a", "_lora_b")) or k.startswith("lora/")}
-    assert set(tensors) == expected | {"params/lm_head/kernel"}
+    expected = {k for k in flat if k.endswith(("_lora_a", "_lora_b"))}
+    assert set(tensors) == expected | {"params/lm_head/kernel"}  # the records go to the JSON
     assert "params/layers_0/self_attn/q_proj/kernel" not in tensors
     desc = json.loads((tmp_path / ADAPTER_CONFIG_FILE).read_text())
     assert desc["format"] == "lora_jax.adapter" and desc["lora_config"]["rank"] == 4
+    assert {a["param"] for a in desc["adapters"]} == {
+        f"layers_{i}/self_attn/{m}/kernel" for i in (0, 1) for m in ("q_proj", "v_proj")
+    }
+    assert {a["rank"] for a in desc["adapters"]} == {4} and desc["extras"] == ["lm_head/kernel"]
     assert desc["lora_config"]["targets"] == ["q_proj", "v_proj"]
     assert desc["tensors"]["bytes"] == (tmp_path / ADAPTER_FILE).stat().st_size
     leaves = desc["base_model"]["leaves"]
     frozen = {k for k in flat if k.startswith("params/") and k not in tensors}
+    assert set(desc["base_model"]["probes"]) <= {a["param"] for a in desc["adapters"]}
     assert set(leaves) == frozen
     assert leaves["params/embed_tokens/embedding"] == {"shape": [256, 64], "dtype": "float32"}
     assert len(desc["base_model"]["sha256"]) == 64
@@ -311,7 +309,7 @@ def test_restore_with_another_config_names_fields_and_paths(run, tmp_path):
             "'trainable/params/layers_0/self_attn/v_proj/kernel_lora_b' is in the checkpoint" in msg
         )
         sgd = optax.sgd(0.1).init(trainable)
-        with pytest.raises(ValueError, match="'opt_state/.*/mu/params/lm_head/kernel' is in the"):
+        with pytest.raises(ValueError, match="'opt_state/.*/mu/params/.*/kernel_lora_a' is in the"):
             mgr.restore(trainable_like=trainable, opt_state_like=sgd)
         with pytest.raises(ValueError, match=r"No checkpoint of step 2 .* \(steps: \[1\]\)"):
             mgr.restore(2, trainable_like=trainable, opt_state_like=run["opt_state"])

@@ -100,7 +100,8 @@ def test_scan_remat_lora_identity_and_merge(remat):
     flat = leaves_by_path(params)
     assert flat["params/layers/self_attn/q_proj/kernel_lora_a"].shape == (2, 64, 4)  # stacked
     assert flat["params/layers/mlp/down_proj/kernel_lora_b"].shape == (2, 4, 64)
-    assert flat["lora/layers/self_attn/q_proj/kernel_lora_scale"].shape == ()  # shared
+    record = params["lora"]["layers"]["self_attn"]["q_proj"]["kernel_lora"]  # shared by the layers
+    assert record.geometry.shape == (64, 64) and record.rank == 4  # the shape a layer sees
     a = flat["params/layers/self_attn/q_proj/kernel_lora_a"]
     assert not np.allclose(a[0], a[1])  # one init per layer
     apply_lora, apply_base = jax.jit(lora_model.apply), jax.jit(model.apply)

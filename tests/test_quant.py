@@ -15,7 +15,8 @@ from jax.ad_checkpoint import print_saved_residuals
 
 import lora_jax as lj
 from lora_jax import quant
-from lora_jax.kernels import dequant_matmul
+from lora_jax.adapters import Adapter, Geometry
+from lora_jax.quant import pallas as dequant_matmul
 from lora_jax.models import Llama, LlamaConfig, causal_lm_loss
 
 F32 = jnp.float32
@@ -94,8 +95,8 @@ def test_double_quant_size():
     w = jax.random.normal(jax.random.key(2), (1024, 1024))
     dq = quant.quantize_array(w, QC())
     plain = quant.quantize_array(w, QC(double_quant=False))
-    # 4 + 8/64 + 32/(64*256) bits, plus one float32 mean per matrix.
-    assert dq.bits_per_weight == pytest.approx(4 + 8 / 64 + 32 / (64 * 256) + 32 / 2**20)
+    # 4 + 8/64 + 64/(64*256) bits: a code per scale, a float32 range per 256 scales.
+    assert dq.bits_per_weight == pytest.approx(4 + 8 / 64 + 64 / (64 * 256))
     assert dq.bits_per_weight < 4.13
     assert plain.bits_per_weight == pytest.approx(4.5)
     assert rel_rms(quant.dequantize(dq), w) < 1.01 * rel_rms(quant.dequantize(plain), w)
@@ -254,7 +255,7 @@ def test_kernel_selection(monkeypatch):
     monkeypatch.setattr(dequant_matmul, "pallas_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
     # Only kernel="pallas" runs the Pallas kernel; "auto" is XLA's path on every backend.
     for kernel, used in (("xla", 0), ("auto", 0), ("pallas", 1)):
-        out = quant._matmul(kernel, x, qt, transpose=False)
+        out = quant.matmul._matmul(kernel, x, qt, transpose=False)
         assert len(calls) == used, kernel
         assert_close(out, x @ quant.dequantize(qt, F32), jnp.float32)
         calls.clear()
@@ -328,7 +329,7 @@ def test_merge_requantize_reports_the_adapter_loss():
     b = jax.random.normal(jax.random.key(21), (4, 64))
     tree = lambda scale: {  # noqa: E731
         "params": {"l": {"kernel": qt, "kernel_lora_a": a, "kernel_lora_b": b}},
-        "lora": {"l": {"kernel_lora_scale": jnp.float32(scale)}},
+        "lora": {"l": {"kernel_lora": Adapter(Geometry((128, 64), 0, 1, 4), scale)}},
     }
     # A delta far below the 4-bit grid step is mostly lost; a large one mostly kept.
     _, small = lj.merge(tree(1e-4), requantize=True)
@@ -555,7 +556,7 @@ def test_requantizing_merge_works_under_jit():
                 "kernel_lora_b": jnp.ones((2, 32)),
             }
         },
-        "lora": {"l": {"kernel_lora_scale": jnp.float32(0.5)}},
+        "lora": {"l": {"kernel_lora": Adapter(Geometry((64, 32), 0, 1, 2), 0.5)}},
     }
     merged, report = jax.jit(lambda p: lj.merge(p, requantize=True))(tree)
     assert isinstance(merged["params"]["l"]["kernel"], lj.QuantizedTensor) and report.worst >= 0
@@ -579,7 +580,7 @@ def test_quantization_keeps_logical_boxes_and_trains_on_a_mesh():
     state = step.init(params)
     params, state, value = step(params, state, tokens)
     assert np.isfinite(float(value))
-    kernel = lj.sharding.unbox(params)["params"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    kernel = lj._trees.unbox_tree(params)["params"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
     assert kernel.codes.sharding.mesh.shape == {"data": 2}
 
 
@@ -600,7 +601,7 @@ class Custom(nn.Module):
 
 
 def test_custom_layer_bias_without_use_bias_is_an_error():
-    lj.register_rule(Custom, lj.LinearRule(spec=lambda m, x, kw: ("...i", "io", "...o")))
+    lj.rules.register_rule(Custom, lj.rules.LinearRule(spec=lambda m, x, kw: ("...i", "io", "...o")))
     model, x = Custom(), jnp.ones((2, 64))
     base = model.init(jax.random.key(0), x)
     cfg = lj.LoraConfig(targets=".*", quantize=QC())

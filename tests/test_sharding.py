@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 import lora_jax as lj
 from lora_jax.models import Llama, LlamaConfig, causal_lm_loss
-from lora_jax.sharding import unbox
+from lora_jax._trees import unbox_tree as unbox
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py asks for 8 CPU devices)")
@@ -93,7 +93,7 @@ def test_adapter_specs_follow_the_kernel():
     assert specs["params/heads/bias"] == ("model", None)
     assert specs["params/experts/kernel_lora_a"] == ("expert", None, None)  # (batch, in, rank)
     assert specs["params/experts/kernel_lora_b"] == ("expert", None, "model")  # (batch, rank, out)
-    assert specs["lora/heads/kernel_lora_scale"] == ()
+    assert "lora/heads/kernel_lora" not in specs  # records hold no arrays: no spec
     # The same from a variables dict, from NamedShardings, and with the adapters' own specs.
     mesh = _mesh((2, 2, 2), ("fsdp", "model", "expert"))
     named = jax.tree.map(lambda s: NamedSharding(mesh, s), {"params": base_specs})
@@ -133,7 +133,7 @@ def test_param_shardings_map_logical_names_to_mesh_axes(llama):
     assert flat["params/layers_0/self_attn/q_proj/kernel_lora_b"] == (None, "model")
     assert flat["params/layers_0/self_attn/o_proj/kernel_lora_a"] == ("model", None)
     assert flat["params/embed_tokens/embedding"] == ("model", None)
-    assert flat["lora/layers_0/self_attn/q_proj/kernel_lora_scale"] == ()
+    assert not any(k.startswith("lora/") for k in flat)
 
 
 @pytest.mark.parametrize("make, match", [
@@ -161,7 +161,7 @@ def test_param_shardings_map_logical_names_to_mesh_axes(llama):
 ], ids=["missing", "unknown", "too-long", "inconsistent-adapter", "indivisible",
         "logical-without-rules", "rule-axis"])
 def test_spec_errors_name_the_leaf(make, match):
-    lora_model = lj.LoRA(Heads(), lj.LoraConfig(targets=("heads",)))
+    lora_model = lj.LoRA(Heads(), lj.LoraConfig(rank=4, targets=("heads",)))
     params = lj.init(lora_model, jax.random.key(0), jnp.ones((2, 6)))
     with pytest.raises(ValueError, match=match):
         make(params)

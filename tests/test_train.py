@@ -191,9 +191,9 @@ def test_whole_tree_opt_state_raises(wrapped):
     step(params, step.init(params), BATCH)
 
 
-def test_non_lora_module_or_bad_loss_raises_type_error():
-    with pytest.raises(TypeError, match="lora_jax.LoRA"):
-        lj.make_train_step(Net(), mse, optax.sgd(0.1))
+def test_model_without_apply_or_bad_loss_raises_type_error():
+    with pytest.raises(TypeError, match=r"a model with an \.apply method .* got int"):
+        lj.make_train_step(3, mse, optax.sgd(0.1))
     lora_model, _ = _setup()
     with pytest.raises(TypeError, match="loss_fn"):
         lj.make_train_step(lora_model, "mse", optax.sgd(0.1))

@@ -104,7 +104,7 @@ def test_labels_mark_adapters_trainable_and_everything_else_frozen(net):
     assert set(flat) == set(leaves_by_path(params))
     assert {k for k, v in flat.items() if v == "trainable"} == ADAPTERS
     assert {v for k, v in flat.items() if k not in ADAPTERS} == {"frozen"}
-    assert flat["lora/query/kernel_lora_scale"] == "frozen"
+    assert labels["lora"] == params["lora"]  # the records hold no arrays: kept as they are
     assert lj.trainable_paths(params) == ADAPTERS
 
 
@@ -121,8 +121,11 @@ def test_labels_include_trainable_extras(extras, expected):
     flat = leaves_by_path(lj.labels(params))
     assert {k for k, v in flat.items() if v == "trainable"} == ADAPTERS | expected
     assert lj.trainable_paths(params) == ADAPTERS | expected
-    # The markers that select the extras live in the "lora" collection and are frozen.
-    assert all(flat[k] == "frozen" for k in flat if k.startswith("lora/"))
+    # The markers that select the extras live in the "lora" collection; they hold no arrays.
+    markers = {k for k, v in leaves_by_path(params["lora"]).items()}
+    assert not markers
+    plan = lj.adapters.Plan.of(params)
+    assert plan.extras == expected
 
 
 def test_labels_drive_optax_multi_transform(net):
@@ -209,7 +212,7 @@ def test_merge_matches_the_base_tree_and_folds_the_delta(net):
     assert not any("_lora_" in k for k in leaves_by_path(merged))
     p = params["params"]
     for name in ("query", "value"):
-        scale = float(params["lora"][name]["kernel_lora_scale"])
+        scale = float(params["lora"][name]["kernel_lora"].scale)
         assert scale == 16.0 / 2
         expected = np.asarray(p[name]["kernel"]) + scale * (
             np.asarray(p[name]["kernel_lora_a"], np.float64) @ np.asarray(p[name]["kernel_lora_b"])
@@ -266,22 +269,22 @@ def test_merge_of_a_wrongly_shaped_adapter_raises_naming_the_kernel(net):
         lj.merge(bad)
     bad = _copy_tree(params)
     bad["params"]["query"]["kernel_lora_b"] = jnp.zeros((2, 7))  # out 7, kernel has 8
-    with pytest.raises(ValueError, match=re.escape("'params/query/kernel'") + ".*B shape \\(2, 7\\)"):
+    with pytest.raises(ValueError, match=re.escape("'params/query/kernel'") + ".*shape \\(2, 7\\)"):
         jax.jit(lj.merge)(bad)
 
 
-def test_merge_without_its_scale_or_b_raises_naming_the_path(net):
+def test_merge_without_its_record_or_b_raises_naming_the_path(net):
     _, _, _, params = net
     missing = _copy_tree(params)
-    del missing["lora"]["query"]["kernel_lora_scale"]
-    with pytest.raises(ValueError, match=re.escape("'lora/query/kernel_lora_scale'")):
+    del missing["lora"]["query"]["kernel_lora"]
+    with pytest.raises(ValueError, match=re.escape("'lora/query/kernel_lora' is missing")):
         lj.merge(missing)
     missing = _copy_tree(params)
     del missing["params"]["value"]["kernel_lora_b"]
     with pytest.raises(ValueError, match=re.escape("'params/value/kernel_lora_b'")):
         lj.merge(missing)
-    with pytest.raises(ValueError, match=re.escape("'params/query/kernel'")):
-        lj.merge(lj.partition(params)[0])  # the trainable half has no base kernels
+    with pytest.raises(ValueError, match=re.escape("'params/query/kernel_lora_a' has no record")):
+        lj.merge(lj.partition(params)[0])  # the trainable half has no base kernels nor records
 
 
 def test_merge_of_b_without_a_raises(net):

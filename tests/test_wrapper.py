@@ -5,7 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import assert_close, leaves_by_path, randomize_adapters
+from conftest import records_by_path, assert_close, leaves_by_path, randomize_adapters
 
 import lora_jax as lj
 
@@ -50,11 +50,11 @@ def test_init_keeps_base_arrays_and_paths(base):
     flat, base_flat = leaves_by_path(params), leaves_by_path(base)
     for path, value in base_flat.items():
         assert flat[path] is value, path
-    added = sorted(set(flat) - set(base_flat))
+    added = sorted((set(flat) | set(records_by_path(params))) - set(base_flat))
     assert added == sorted(
-        f"{col}/{blk}/{layer}/kernel_lora_{leaf}"
+        f"{col}/{blk}/{layer}/kernel_lora{leaf}"
         for blk in ("block_0", "block_1") for layer in ("query", "value")
-        for col, leaf in (("params", "a"), ("params", "b"), ("lora", "scale")))
+        for col, leaf in (("params", "_a"), ("params", "_b"), ("lora", "")))
     assert flat["params/block_0/query/kernel_lora_a"].shape == (16, 4)
     assert flat["params/block_0/query/kernel_lora_b"].shape == (4, 16)
     chex.assert_trees_all_equal(lora_model.apply(params, X), Net().apply(base, X))
@@ -82,11 +82,12 @@ def test_shared_layer_gets_one_adapter_and_merges(base):
 def test_rank_and_alpha_patterns(base):
     cfg = lj.LoraConfig(rank=8, alpha=8.0, targets=("query", "value"),
                         rank_pattern={"block_1/query": 2}, alpha_pattern={"value": 2.0})
-    flat = leaves_by_path(lj.init(lj.LoRA(Net(), cfg), jax.random.key(1), X, base_params=base))
+    params = lj.init(lj.LoRA(Net(), cfg), jax.random.key(1), X, base_params=base)
+    flat = leaves_by_path(params)
     assert flat["params/block_1/query/kernel_lora_a"].shape == (16, 2)
     assert flat["params/block_0/query/kernel_lora_a"].shape == (16, 8)
-    assert float(flat["lora/block_1/query/kernel_lora_scale"]) == 8.0 / 2
-    assert float(flat["lora/block_0/value/kernel_lora_scale"]) == 2.0 / 8
+    assert records_by_path(params)["lora/block_1/query/kernel_lora"].scale == 8.0 / 2
+    assert records_by_path(params)["lora/block_0/value/kernel_lora"].scale == 2.0 / 8
 
 
 def test_gaussian_init_and_param_dtype(base):
@@ -143,17 +144,20 @@ def test_trainable_matching_nothing(base):
 def test_params_of_another_rank_are_rejected(base):
     params = lj.init(lj.LoRA(Net(), lj.LoraConfig(rank=4, targets=("query",))), jax.random.key(1), X, base_params=base)
     other = lj.LoRA(Net(), lj.LoraConfig(rank=2, targets=("query",)))
-    with pytest.raises(ValueError, match=r"Leaf 'params/block_0/query/kernel_lora_a' has shape \(16, 4\) but the LoRA config expects \(16, 2\) \(rank 2\)"):
+    with pytest.raises(ValueError, match=r"The adapter of 'block_0/query/kernel' does not match the LoraConfig: rank 4 in the tree but 2 from the config"):
         other.apply(params, X)
 
 
 def test_missing_lora_collection_is_explained(base):
     lora_model = lj.LoRA(Net(), lj.LoraConfig(targets=("query",)))
     params = lj.init(lora_model, jax.random.key(1), X, base_params=base)
-    with pytest.raises(ValueError, match=r"'lora/block_0/query/kernel_lora_scale' is missing"):
+    with pytest.raises(ValueError, match=r"holds no adapter record for it \('lora/block_0/query/kernel_lora'\)"):
         lora_model.apply({"params": params["params"]}, X)
-    with pytest.raises(ValueError, match=r"'params/block_0/query/kernel_lora_a' is missing"):
+    with pytest.raises(ValueError, match=r"holds no adapter record .* pass the whole tree"):
         lora_model.apply(base, X)
+    no_leaf = {"params": base["params"], "lora": params["lora"]}
+    with pytest.raises(ValueError, match=r"'params/block_0/query/kernel_lora_a' is missing"):
+        lora_model.apply(no_leaf, X)
 
 
 def test_bad_arguments():

@@ -26,14 +26,14 @@ TITLE = "merge() throughput"
 def plain_merge(variables):
     """What one writes by hand: every adapted kernel W + scale * A @ B, adapters dropped."""
     flat = traverse_util.flatten_dict(variables["params"], sep="/")
-    scales = traverse_util.flatten_dict(variables["lora"], sep="/")
+    records = traverse_util.flatten_dict(variables["lora"], sep="/")
     out = {}
     for path, w in flat.items():
         if path.endswith(("_lora_a", "_lora_b")):
             continue
         if path + "_lora_a" in flat:
             a, b = flat[path + "_lora_a"], flat[path + "_lora_b"]
-            s = scales[path + "_lora_scale"]
+            s = records[path + "_lora"].scale
             f32 = jnp.float32
             w = (w.astype(f32) + s * (a.astype(f32) @ b.astype(f32))).astype(w.dtype)
         out[path] = w

@@ -1,11 +1,10 @@
-"""4-bit base weights (QLoRA): the `QuantizedTensor` pytree, quantize / dequantize, and the
-dequantizing matmul whose backward pass keeps only the packed codes.
+"""4-bit base weights (QLoRA): the `QuantizedTensor` pytree, quantize and dequantize.
 
 Layout. A kernel of shape (lead..., in..., out...) is seen as a stack of (K, N) matrices,
 K = prod(in), N = prod(out); `lead` holds the layer's batch axes (and the layer axis of
 scan-stacked models, so slicing every leaf on axis 0 slices the tensor). Each column is cut
-into blocks of `block_size` consecutive weights along K, each block scaled by its absmax to
-[-1, 1] and rounded to the nearest of the format's 16 values. K is zero-padded to a multiple
+into blocks of `block_size` consecutive weights along K, each block scaled to [-1, 1] by its
+scale and rounded to the nearest of the format's 16 values. K is zero-padded to a multiple
 of the block size; the padding is stored and dropped on dequantization.
 
 Packing (explicit, not `jnp.uint4`, so storage is 4 bits on every backend): `codes` is uint8
@@ -14,10 +13,18 @@ Packing (explicit, not `jnp.uint4`, so storage is 4 bits on every backend): `cod
 block_size / 2` in its high nibble. A matmul kernel then reads the two halves of a block as
 two contiguous slices, with no interleaving.
 
-Double quantization (QLoRA): the float32 absmax scales (lead..., K_padded / block_size, N)
-minus their mean (one float32 per matrix) are quantized to int8 in blocks of 256 with one
-float32 absmax per block: 4 + 8/64 + 32/(64*256) ≈ 4.127 bits per weight at block 64,
-against 4.5 with float32 scales.
+Double quantization. The blocks' absmax scales are stored in 8 bits too, in groups of 256
+consecutive scales, each group with its own float32 log2 range [lo, hi]: a scale's code is
+its position in that range on a log2 scale (code 0 is an exact zero, 255 a non-finite
+scale). Per group, so a scale only shares precision with its 255 neighbours, and on a log
+scale, so a block of tiny or huge weights costs the others little: the range is clipped to
+`OUTLIER_OCTAVES` octaves around the group's median, and a block whose absmax lies beyond it
+is scaled by the clipped value (only that block's largest weights are clipped). The 4-bit codes
+are chosen against the stored (decoded) scale. 4 + 8/64 + 64/(64*256) ≈ 4.129 bits per weight at
+block 64, against 4.5 with float32 scales.
+
+Non-finite weights: `quantize_array` on concrete arrays raises, naming the parameter. Under a
+trace (where it cannot look) a non-finite weight makes only its own block non-finite.
 """
 
 from __future__ import annotations
@@ -30,9 +37,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct, traverse_util
-from flax.core import meta
+from flax import struct
 
+from lora_jax import _paths, _trees
 from lora_jax.config import QuantConfig
 
 Array = jax.Array
@@ -50,7 +57,10 @@ FP4 = tuple(m / 6.0 for m in _E2M1) + tuple(-m / 6.0 for m in _E2M1)
 # Symmetric int4: code c stands for (c - 8) / 7; code 0 (-8/7) is never produced.
 INT4 = tuple((c - 8) / 7.0 for c in range(16))
 TABLES = {"nf4": NF4, "fp4": FP4, "int4": INT4}
-DQ_BLOCK = 256  # scales per double-quantization block
+DQ_BLOCK = 256  # scales per double-quantization group
+OUTLIER_OCTAVES = 10.0  # a group's log2 range reaches at most this far from its median
+_ZERO, _NONFINITE = 0, 255  # scale codes with a fixed meaning; 1..254 span [lo, hi]
+_LEVELS = 253.0
 
 
 @struct.dataclass
@@ -59,11 +69,10 @@ class QuantizedTensor:
 
     Attributes:
       codes: uint8 (lead..., K_padded / 2, N), two 4-bit codes per byte (see the module doc).
-      scales: float32 absmax per block (lead..., K_padded / block_size, N), or None with
+      scales: float32 scale per block (lead..., K_padded / block_size, N), or None with
         double quantization.
-      scale_codes: int8 (lead..., blocks of 256, 256): the double-quantized scales, or None.
-      scale_absmax: float32 (lead..., blocks of 256): their per-block absmax, or None.
-      scale_mean: float32 (lead...): the mean subtracted from the scales, or None.
+      scale_codes: uint8 (lead..., groups, 256): the double-quantized scales, or None.
+      scale_range: float32 (lead..., groups, 2): each group's log2 range [lo, hi], or None.
       fmt, block_size: the format and the block size.
       in_shape, out_shape: the contraction and output axes of one (K, N) matrix.
       dtype: the dtype the tensor dequantizes to (`QuantConfig.compute_dtype`).
@@ -72,8 +81,7 @@ class QuantizedTensor:
     codes: Array
     scales: Array | None
     scale_codes: Array | None
-    scale_absmax: Array | None
-    scale_mean: Array | None
+    scale_range: Array | None
     fmt: str = struct.field(pytree_node=False)
     block_size: int = struct.field(pytree_node=False)
     in_shape: tuple[int, ...] = struct.field(pytree_node=False)
@@ -141,15 +149,8 @@ class QuantizedTensor:
 
 
 def is_quantized(x: Any) -> bool:
-    return isinstance(x, QuantizedTensor)
-
-
-def unboxed(x: Any) -> Any:
-    """The value in a sharding box (`nn.Partitioned`, ...), else `x`; never adds a sharding
-    constraint (which a `QuantizedTensor` could not take: its fields have other shapes)."""
-    if isinstance(x, meta.Partitioned):
-        return x.value
-    return x.unbox() if isinstance(x, meta.AxisMetadata) else x
+    """Whether `x` is a `QuantizedTensor` (boxed or not)."""
+    return isinstance(_trees.unbox(x), QuantizedTensor)
 
 
 # --------------------------------------------------------------------------- quantize
@@ -177,7 +178,7 @@ def _decode(codes: Array, table: tuple[float, ...] | Array) -> Array:
     return level[0].astype(jnp.float32)
 
 
-def _check_shape(shape: tuple[int, ...], n_lead: int, n_in: int, block: int, path: str):
+def _check_shape(shape: tuple[int, ...], n_lead: int, n_in: int, block: int, path: str) -> None:
     if len(shape) < n_lead + n_in + 1 or n_in < 1:
         raise ValueError(
             f"Cannot quantize '{path}': a kernel needs at least one contraction and one output "
@@ -191,33 +192,71 @@ def _check_shape(shape: tuple[int, ...], n_lead: int, n_in: int, block: int, pat
         )
 
 
+def _check_finite(w: Any, path: str) -> None:
+    """Raises naming `path` if a concrete array holds NaN or inf (a no-op under a trace)."""
+    if isinstance(w, jax.core.Tracer) or bool(jnp.isfinite(w).all()):
+        return
+    bad = np.argwhere(~np.isfinite(np.asarray(w, np.float32)))
+    if len(bad):
+        raise ValueError(
+            f"Cannot quantize '{path}': it holds {len(bad)} non-finite weights (NaN or inf), "
+            f"the first at index {tuple(int(i) for i in bad[0])}. Fix or drop the checkpoint's "
+            "bad values, or leave this kernel out of QuantConfig.targets."
+        )
+
+
 @functools.partial(jax.jit, static_argnames=("n_lead", "n_in", "fmt", "block", "double"))
-def _quantize(w, *, n_lead, n_in, fmt, block, double):
+def _quantize(
+    w: Array, *, n_lead: int, n_in: int, fmt: str, block: int, double: bool
+) -> tuple[Array, ...]:
     lead, in_shape = w.shape[:n_lead], w.shape[n_lead : n_lead + n_in]
     k, n = math.prod(in_shape), math.prod(w.shape[n_lead + n_in :])
     w = w.astype(jnp.float32).reshape(lead + (k, n))
     w = jnp.pad(w, [(0, 0)] * n_lead + [(0, -k % block), (0, 0)])
     blocks = w.reshape(lead + (-1, block, n))
     absmax = jnp.max(jnp.abs(blocks), axis=-2)  # (lead..., blocks, N)
-    normed = blocks / jnp.where(absmax == 0, 1.0, absmax)[..., None, :]
+    if double:
+        scale_codes, scale_range = _double_quantize(absmax)
+        scales = _double_dequantize(scale_codes, scale_range, absmax.shape)
+    else:
+        scales = absmax
+    normed = jnp.clip(blocks / jnp.where(scales == 0, 1.0, scales)[..., None, :], -1.0, 1.0)
     codes = _encode(normed, TABLES[fmt])
     half = block // 2
     packed = codes[..., :half, :] | (codes[..., half:, :] << 4)
     packed = packed.reshape(lead + (-1, n))
     if not double:
-        return packed, absmax, None, None, None
-    return (packed, None, *_double_quantize(absmax))
+        return packed, absmax, None, None
+    return packed, None, scale_codes, scale_range
 
 
-def _double_quantize(absmax: Array) -> tuple[Array, Array, Array]:
+def _double_quantize(absmax: Array) -> tuple[Array, Array]:
+    """8-bit log2 codes of the scales in groups of 256, and each group's log2 range."""
     lead = absmax.shape[:-2]
-    mean = jnp.mean(absmax, axis=(-2, -1))
-    flat = (absmax - mean[..., None, None]).reshape(lead + (-1,))
+    flat = absmax.reshape(lead + (-1,))
     flat = jnp.pad(flat, [(0, 0)] * len(lead) + [(0, -flat.shape[-1] % DQ_BLOCK)])
-    blocks = flat.reshape(lead + (-1, DQ_BLOCK))
-    amax = jnp.max(jnp.abs(blocks), axis=-1)
-    scaled = blocks / jnp.where(amax == 0, 1.0, amax)[..., None] * 127.0
-    return jnp.round(scaled).astype(jnp.int8), amax, mean
+    groups = flat.reshape(lead + (-1, DQ_BLOCK))
+    usable = jnp.isfinite(groups) & (groups > 0)
+    logs = jnp.where(usable, jnp.log2(jnp.where(usable, groups, 1.0)), jnp.nan)
+    median = jnp.nanmedian(logs, axis=-1, keepdims=True)
+    lo = jnp.maximum(jnp.nanmin(logs, axis=-1, keepdims=True), median - OUTLIER_OCTAVES)
+    hi = jnp.minimum(jnp.nanmax(logs, axis=-1, keepdims=True), median + OUTLIER_OCTAVES)
+    lo, hi = jnp.nan_to_num(lo), jnp.nan_to_num(hi)  # groups without a usable scale
+    span = jnp.where(hi > lo, hi - lo, 1.0)
+    levels = jnp.clip(jnp.round((logs - lo) / span * _LEVELS), 0.0, _LEVELS) + 1.0
+    codes = jnp.where(usable, levels, jnp.where(groups == 0, _ZERO, _NONFINITE))
+    return codes.astype(jnp.uint8), jnp.concatenate([lo, hi], axis=-1)
+
+
+def _double_dequantize(codes: Array, ranges: Array, shape: tuple[int, ...]) -> Array:
+    """The float32 scales (lead..., blocks, N) of `shape` from their codes and ranges."""
+    lo, hi = ranges[..., :1], ranges[..., 1:]
+    level = codes.astype(jnp.float32) - 1.0
+    scales = jnp.exp2(lo + level / _LEVELS * (hi - lo))
+    scales = jnp.where(codes == _ZERO, 0.0, jnp.where(codes == _NONFINITE, jnp.nan, scales))
+    lead = shape[:-2]
+    count = math.prod(shape[-2:])
+    return scales.reshape(lead + (-1,))[..., :count].reshape(shape)
 
 
 def quantize_array(
@@ -231,7 +270,7 @@ def quantize_array(
     """Quantizes one kernel.
 
     Args:
-      w: a floating kernel, (lead..., in..., out...).
+      w: a floating kernel, (lead..., in..., out...), with finite values.
       cfg: format, block size, double quantization and the dtype to dequantize to.
       n_lead: leading (batch or stacked-layer) axes; each index is its own matrix.
       n_in: contraction axes after the leading ones; default all but the last axis.
@@ -239,6 +278,18 @@ def quantize_array(
 
     Returns:
       A `QuantizedTensor` of the same logical shape.
+
+    Raises:
+      ValueError: `w` holds NaN or inf (checked when `w` is concrete), or its shape does not
+        fit the block size.
+
+    Example:
+      >>> import jax, lora_jax as lj
+      >>> from lora_jax.quant import quantize_array
+      >>> w = jax.random.normal(jax.random.key(0), (256, 64))
+      >>> qt = quantize_array(w, lj.QuantConfig(fmt="nf4", block_size=64))
+      >>> qt.shape, round(qt.bits_per_weight, 2)
+      ((256, 64), 4.13)
     """
     shape = tuple(jnp.shape(w))
     dtype = jnp.result_type(w) if hasattr(w, "dtype") else None
@@ -246,6 +297,7 @@ def quantize_array(
         raise TypeError(f"Cannot quantize '{path}': expected a floating array, got {dtype}.")
     n_in = len(shape) - n_lead - 1 if n_in is None else n_in
     _check_shape(shape, n_lead, n_in, cfg.block_size, path)
+    _check_finite(w, path)
     leaves = _quantize(
         w, n_lead=n_lead, n_in=n_in, fmt=cfg.fmt, block=cfg.block_size, double=cfg.double_quant
     )
@@ -269,14 +321,11 @@ def requantize_like(w: Array, like: QuantizedTensor, path: str = "kernel") -> Qu
 
 
 def block_scales(qt: QuantizedTensor) -> Array:
-    """The float32 absmax scales, (lead..., K_padded / block_size, N)."""
+    """The float32 scales, (lead..., K_padded / block_size, N)."""
     if qt.scales is not None:
         return qt.scales
     nblocks = qt.codes.shape[-2] * 2 // qt.block_size
-    lead = qt.lead_shape
-    flat = qt.scale_codes.astype(jnp.float32) * (qt.scale_absmax[..., None] / 127.0)
-    flat = flat.reshape(lead + (-1,))[..., : nblocks * qt.n]
-    return flat.reshape(lead + (nblocks, qt.n)) + qt.scale_mean[..., None, None]
+    return _double_dequantize(qt.scale_codes, qt.scale_range, qt.lead_shape + (nblocks, qt.n))
 
 
 def unpack(codes: Array, block_size: int) -> Array:
@@ -288,7 +337,9 @@ def unpack(codes: Array, block_size: int) -> Array:
     return both.reshape((*lead, rows * 2, n))
 
 
-def dequantize_matrix(qt: QuantizedTensor, dtype: Any = None, *, table=None) -> Array:
+def dequantize_matrix(
+    qt: QuantizedTensor, dtype: Any = None, *, table: tuple[float, ...] | Array | None = None
+) -> Array:
     """The dense (lead..., K, N) matrices, in `dtype` (default `qt.dtype`)."""
     table = TABLES[qt.fmt] if table is None else table
     values = _decode(unpack(qt.codes, qt.block_size), table)
@@ -299,14 +350,14 @@ def dequantize_matrix(qt: QuantizedTensor, dtype: Any = None, *, table=None) -> 
     return w.astype(qt.dtype if dtype is None else dtype)
 
 
-def dequantize(x: QuantizedTensor | Mapping, dtype: Any = None):
+def dequantize(x: QuantizedTensor | Mapping, dtype: Any = None) -> Any:
     """The dense kernel of a `QuantizedTensor`, or a tree with every one made dense.
 
     Args:
       x: a `QuantizedTensor`, or a tree (e.g. params) holding some.
       dtype: the dense dtype; default: each tensor's compute dtype.
     """
-    if not is_quantized(x):
+    if not isinstance(x, QuantizedTensor):
         return dequantize_tree(x, dtype)
     return dequantize_matrix(x, dtype).reshape(x.shape)
 
@@ -329,7 +380,7 @@ def quantize(
     Args:
       params: a params dict (or variables dict) of floating kernels.
       cfg: the quantization settings (`cfg.targets` is not read here).
-      paths: '/'-joined parameter paths -> (leading axes, contraction axes), e.g.
+      paths: '/'-joined paths (as in `params`) -> (leading axes, contraction axes), e.g.
         ``{"layers_0/mlp/up_proj/kernel": (0, 1)}``; default: every floating leaf named
         "kernel" with 2 or more axes, all but the last contracted.
 
@@ -337,9 +388,13 @@ def quantize(
       The tree with those leaves replaced by `QuantizedTensor`s; other leaves are the same
       objects. Host (numpy) leaves move to the device one at a time, so a model read from
       disk never needs its dense copy in device memory.
+
+    Raises:
+      ValueError: a path is not in the tree or already quantized, or a kernel holds NaN or
+        inf (the path is named).
     """
-    boxed = traverse_util.flatten_dict(dict(params), sep="/")
-    flat = {k: unboxed(v) for k, v in boxed.items()}
+    boxed = _trees.flat(params)
+    flat = {k: _trees.unbox(v) for k, v in boxed.items()}
     if paths is None:
         paths = {
             k: (0, len(jnp.shape(v)) - 1)
@@ -351,95 +406,25 @@ def quantize(
         }
     missing = sorted(set(paths) - set(flat))
     if missing:
-        raise ValueError(f"quantize: paths not in the tree: {missing}.")
+        raise ValueError(f"quantize: paths not in the tree: {_trees.quoted(missing)}.")
     for path, (n_lead, n_in) in paths.items():
         if is_quantized(flat[path]):
             raise ValueError(f"quantize: '{path}' is already quantized.")
         qt = quantize_array(flat[path], cfg, n_lead=n_lead, n_in=n_in, path=path)
-        box = boxed[path]  # a sharding box keeps its names on the 4-bit kernel
-        boxed[path] = box.replace_boxed(qt) if isinstance(box, meta.AxisMetadata) else qt
-    return traverse_util.unflatten_dict(boxed, sep="/")
+        boxed[path] = _trees.rebox(boxed[path], qt)  # a sharding box keeps its names
+    return _trees.unflat(boxed)
 
 
 def dequantize_tree(params: Mapping, dtype: Any = None) -> dict:
     """Replaces every `QuantizedTensor` of a tree by its dense kernel (in `dtype`, default
-    each tensor's compute dtype)."""
-    return jax.tree.map(
-        lambda x: dequantize(x, dtype) if is_quantized(x) else x, params, is_leaf=is_quantized
+    each tensor's compute dtype). In a LoRA tree the "lora" collection's 4-bit markers go too:
+    the result is a dense LoRA tree."""
+    dense = jax.tree.map(
+        lambda x: dequantize(x, dtype) if isinstance(x, QuantizedTensor) else x,
+        params,
+        is_leaf=lambda x: isinstance(x, QuantizedTensor),
     )
-
-
-# --------------------------------------------------------------------------- matmul
-
-
-def qmatmul(x: Array, qt: QuantizedTensor, kernel: str = "auto") -> Array:
-    """``x @ dequantize(qt)`` over (..., K) inputs, for a `qt` without leading axes.
-
-    A `jax.custom_vjp`: the forward pass dequantizes inside the matmul, the backward pass
-    computes only the input gradient and dequantizes again from the packed codes, so the
-    residuals kept for the backward pass are the codes and scales, never a dense kernel. The
-    frozen tensor gets a zero cotangent.
-
-    Args:
-      x: (..., K) in the compute dtype; the kernel is dequantized to `x.dtype`.
-      qt: a `QuantizedTensor` with no leading axes.
-      kernel: "auto", "xla" or "pallas" (see `QuantConfig.kernel`).
-
-    Returns:
-      (..., N) in `x.dtype`.
-    """
-    if qt.lead_shape:
-        raise ValueError(f"qmatmul needs a tensor without leading axes, got {qt!r}.")
-    if x.shape[-1] != qt.k:
-        raise ValueError(f"qmatmul: x has {x.shape[-1]} features, the kernel contracts {qt.k}.")
-    batch = x.shape[:-1]
-    y = _qmatmul(kernel, x.reshape(-1, qt.k), qt)
-    return y.reshape(batch + (qt.n,))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _qmatmul(kernel: str, x: Array, qt: QuantizedTensor) -> Array:
-    return _matmul(kernel, x, qt, transpose=False)
-
-
-def _qmatmul_fwd(kernel, x, qt):
-    return _matmul(kernel, x, qt, transpose=False), qt
-
-
-def _qmatmul_bwd(kernel, qt, g):
-    return _matmul(kernel, g, qt, transpose=True), None
-
-
-_qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
-
-
-def _dequantize_after(x: Array, qt: QuantizedTensor) -> Array:
-    """Dequantizes `qt` in a way that depends on `x` (numerically it does not).
-
-    Without a data dependence, XLA computes every layer's table lookup once, at the start of
-    the step, and shares it between the forward and the backward pass (common-subexpression
-    elimination): all dense kernels stay alive at once, which is what the custom VJP exists
-    to avoid. An optimization barrier does not stop this on CPU (the barrier is expanded
-    before CSE). So a zero derived from one element of `x` is added to the code table: a
-    value XLA cannot fold, NaN- and inf-safe, and one scalar of work.
-    """
-    v = x.reshape(-1)[0].astype(jnp.float32)
-    zero = jnp.where(jnp.isnan(v), 0.0, jnp.minimum(jnp.abs(v), 0.0))
-    table = jnp.asarray(TABLES[qt.fmt], jnp.float32) + zero
-    # Round to the compute dtype first: the forward pass then uses exactly the kernel that
-    # `merge` writes, whatever the layer's own dtype.
-    return dequantize_matrix(qt, qt.dtype, table=table).astype(x.dtype)
-
-
-def _matmul(kernel: str, x: Array, qt: QuantizedTensor, *, transpose: bool) -> Array:
-    """x (M, K) @ W (K, N), or with `transpose` x (M, N) @ W.T, in x's dtype."""
-    from lora_jax.kernels import dequant_matmul  # kernels import quant's tables
-
-    # "auto" is XLA's dequantize-then-dot on every backend: on an H200 the Pallas kernel took
-    # 1.3-3.2x a bf16 x @ W (M in {1, 16, 128, 4096}, K = N = 4096), XLA's path 0.93-1.39x
-    # (benchmarks/qmatmul.py, docs/qlora.md). Only kernel="pallas" selects the kernel.
-    if kernel == "pallas":
-        return dequant_matmul.pallas_matmul(x, qt, transpose=transpose)
-    w = _dequantize_after(x, qt)
-    dims = (((1,), (1 if transpose else 0,)), ((), ()))
-    return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32).astype(x.dtype)
+    if not (_paths.is_variables(dense) and isinstance(dense.get(_paths.LORA), Mapping)):
+        return dense
+    flat = _trees.flat(dense)
+    return _trees.unflat({k: v for k, v in flat.items() if _paths.quantized_param(k) is None})

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from lora_jax.quant import TABLES, QuantizedTensor, block_scales
+from lora_jax.quant.formats import TABLES, QuantizedTensor, block_scales
 
 _MIN_DOT = 16  # smallest dot dimension that the Triton backend accepts
 

@@ -1,0 +1,170 @@
+"""The rule for linear layers: any layer computing ``einsum(spec, x, param)``.
+
+`nn.Dense`, `nn.DenseGeneral` (multi-axis in/out, as inside attention) and `nn.Einsum` (with
+batch axes: one adapter per batch index) are linear; so is a custom layer whose `spec`
+function gives its einsum subscripts. Linear layers are the ones whose kernels can be 4-bit:
+their forward pass then runs through the dequantizing matmul.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import string
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lora_jax import _paths, _trees
+from lora_jax.adapters.geometry import Split
+from lora_jax.quant.formats import QuantizedTensor
+from lora_jax.quant.matmul import qmatmul
+from lora_jax.rules.base import Rule
+
+Array = jax.Array
+EinsumSpec = tuple[str, str, str]  # (input, parameter, output) subscripts
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearRule(Rule):
+    """Any layer computing ``einsum(spec, x, param)``: Dense, DenseGeneral, Einsum, custom.
+
+    `spec(module, x, kwargs)` returns (input, parameter, output) einsum subscripts. Parameter
+    axes must be ordered batch (also in input and output), contracted (input only), output
+    (output only).
+    """
+
+    spec: Callable[[nn.Module, Array, dict], EinsumSpec]
+    param: str = "kernel"
+    methods: tuple[str, ...] = ("__call__",)
+    quantizable = True
+
+    def split(self, module, shape, args, kwargs):
+        x_spec, p_spec, y_spec = self.spec(module, args[0], kwargs)
+        kinds = [
+            "b" if c in x_spec and c in y_spec else "i" if c in x_spec else "o" for c in p_spec
+        ]
+        if "".join(kinds) != "".join(sorted(kinds)):  # "b" < "i" < "o"
+            raise ValueError(
+                f"Module '{_paths.module_path(module)}' ({type(module).__name__}) contracts "
+                f"'{x_spec},{p_spec}->{y_spec}': its parameter axes must be ordered batch, "
+                f"contracted, output for LoRA, found {''.join(kinds)} (b/i/o). Register a "
+                "custom rule for this layer with lora_jax.register_rule."
+            )
+        return Split(kinds.count("b"), kinds.count("i"))
+
+    def delta(self, module, method, args, kwargs, a, b, dropout):
+        x = args[0]
+        x_spec, p_spec, y_spec = self.spec(module, x, kwargs)
+        split = self.split(module, (0,) * len(p_spec), args, kwargs)
+        cut = split.n_batch + split.n_in
+        r = next(c for c in string.ascii_letters if c not in x_spec + p_spec + y_spec)
+        a_spec = p_spec[:cut] + r
+        b_spec = p_spec[: split.n_batch] + r + p_spec[cut:]
+        h_spec = "".join(c for c in y_spec if c not in p_spec[cut:]) + r
+        h = jnp.einsum(f"{x_spec},{a_spec}->{h_spec}", dropout(x.astype(a.dtype)), a)
+        return jnp.einsum(f"{h_spec},{b_spec}->{y_spec}", h, b)
+
+    def quantized_forward(self, module, method, args, kwargs, qt, kernel):
+        """``einsum(x, dequantize(qt)) + bias`` through `lora_jax.quant.qmatmul`.
+
+        The input is laid out as (batch..., rows, K) to meet the (K, N) matrices of `qt`
+        (one per batch index, vmapped); the bias is added as the layer adds it: its axes are
+        the output axes that the parameter has.
+        """
+        x = args[0]
+        x_spec, p_spec, y_spec = _expand(self.spec(module, x, kwargs), x.ndim)
+        split = self.split(module, qt.shape, args, kwargs)
+        path = _paths.module_path(module)
+        if (split.n_batch, split.n_batch + split.n_in) != (
+            len(qt.lead_shape),
+            qt.ndim - len(qt.out_shape),
+        ):
+            raise ValueError(
+                f"'{path}/{self.param}' was quantized with {len(qt.lead_shape)} leading and "
+                f"{len(qt.in_shape)} contraction axes, but the layer has {split.n_batch} batch "
+                f"and {split.n_in} contraction axes: quantize it through lora_jax.init(..., "
+                "base_params=...), which reads each layer's axes, or pass `paths` to quantize."
+            )
+        cut = split.n_batch + split.n_in
+        batch, ins, outs = p_spec[: split.n_batch], p_spec[split.n_batch : cut], p_spec[cut:]
+        free = "".join(c for c in x_spec if c not in p_spec)
+        bias = _bias(module, path)
+        dtype = getattr(module, "dtype", None)
+        dtype = dtype or jnp.result_type(x, qt.dtype, *([bias] if bias is not None else []))
+        widths = tuple(x.shape[x_spec.index(c)] for c in ins)
+        if widths != qt.in_shape:
+            raise ValueError(
+                f"'{path}': the input's contracted axes have sizes {widths} but the quantized "
+                f"'{self.param}' contracts {qt.in_shape} (input shape {x.shape})."
+            )
+        xt = _transpose(x.astype(dtype), x_spec, batch + free + ins)
+        lead, free_shape = xt.shape[: len(batch)], xt.shape[len(batch) : len(batch) + len(free)]
+        xt = xt.reshape(lead + (math.prod(free_shape), qt.k))
+        matmul = lambda x, q: qmatmul(x, q, kernel)  # noqa: E731
+        for _ in batch:
+            matmul = jax.vmap(matmul)
+        y = matmul(xt, qt).reshape(lead + free_shape + qt.out_shape)
+        y = _transpose(y, batch + free + outs, y_spec)
+        if bias is not None:
+            shape = [d if c in p_spec else 1 for c, d in zip(y_spec, y.shape, strict=True)]
+            y = y + bias.astype(dtype).reshape(shape)
+        return y
+
+
+def _expand(specs: EinsumSpec, x_ndim: int) -> EinsumSpec:
+    """Replaces the ellipsis of (input, parameter, output) subscripts by unused letters."""
+    x_spec = specs[0]
+    if "..." not in x_spec:
+        return specs
+    unused = [c for c in string.ascii_letters if c not in "".join(specs)]
+    fill = "".join(unused[: x_ndim - (len(x_spec) - 3)])
+    return tuple(s.replace("...", fill) for s in specs)
+
+
+def _transpose(x: Array, spec: str, to: str) -> Array:
+    return jnp.transpose(x, [spec.index(c) for c in to])
+
+
+def _bias(module: nn.Module, path: str) -> Array | None:
+    """The bias the layer adds, for the quantized forward (which computes the whole output)."""
+    if not module.has_variable("params", "bias"):
+        return None
+    if not hasattr(module, "use_bias"):
+        raise ValueError(
+            f"'{path}' has a 'bias' parameter but no `use_bias` attribute: the 4-bit forward "
+            "cannot tell whether the layer adds it. Give the layer `use_bias`, or leave it out "
+            "of QuantConfig.targets."
+        )
+    return _trees.unbox(module.get_variable("params", "bias")) if module.use_bias else None
+
+
+def dense_spec(module, x, kwargs) -> EinsumSpec:
+    return "...i", "io", "...o"
+
+
+def dense_general_spec(module: nn.DenseGeneral, x, kwargs) -> EinsumSpec:
+    ndim = x.ndim
+    axis = _normalize(module.axis, ndim)
+    batch = _normalize(module.batch_dims, ndim)
+    features = module.features if isinstance(module.features, Sequence) else (module.features,)
+    letters = string.ascii_letters
+    x_spec = letters[:ndim]
+    f_spec = letters[ndim : ndim + len(features)]
+    p_spec = "".join(x_spec[i] for i in batch + axis) + f_spec
+    free = "".join(x_spec[i] for i in range(ndim) if i not in batch + axis)
+    return x_spec, p_spec, "".join(x_spec[i] for i in batch) + free + f_spec
+
+
+def _normalize(axes, ndim: int) -> tuple[int, ...]:
+    axes = axes if isinstance(axes, Sequence) else (axes,)
+    return tuple(a % ndim for a in axes)
+
+
+def einsum_spec(module: nn.Einsum, x, kwargs) -> EinsumSpec:
+    einsum_str = kwargs.get("einsum_str") or module.einsum_str
+    inputs, output = einsum_str.replace(" ", "").split("->")
+    x_spec, p_spec = inputs.split(",")
+    return x_spec, p_spec, output
