@@ -338,7 +338,7 @@ def main(argv=None):
             position = {"position": done, "losses": losses}
             ckpt.save(done, trainable, state[1], rng=dropout_key, data_state=position, config=cfg)
 
-    (params, _), lora_losses = run(
+    (params, opt_state), lora_losses = run(
         args.steps,
         "LoRA fine-tune",
         lambda p, s, b, r: step(p, s, b, rng=r),
@@ -351,6 +351,8 @@ def main(argv=None):
         after_step=checkpoint,
     )
     ckpt.close()
+    # The step skips (and counts) an update whose loss or gradient is NaN or inf.
+    print(f"updates skipped for a non-finite loss or gradient: {step.skipped(opt_state)}")
     after = eval_loss(lora_model.apply, params, held)
     print(
         f"held-out loss on the fine-tuning text: before {before:.4f}  after {after:.4f} "
@@ -368,7 +370,13 @@ def main(argv=None):
     png = plot(args.out, base_losses, lora_losses, before, after)
     if png:
         print(f"loss curves: {png}")
-    return {"before": before, "after": after, "merge_diff": diff, "resumed_from": resumed_from}
+    return {
+        "before": before,
+        "after": after,
+        "merge_diff": diff,
+        "resumed_from": resumed_from,
+        "skipped": step.skipped(opt_state),
+    }
 
 
 if __name__ == "__main__":

@@ -126,7 +126,7 @@ def main(argv=None):
         lora_model, lambda apply, b: causal_lm_loss(apply(b["inputs"]), b["targets"]), tx
     )
     dropout_key = jax.random.fold_in(key, 2) if args.dropout > 0 else None
-    (params, _), _ = flow.run(
+    (params, opt_state), _ = flow.run(
         args.steps,
         "QLoRA fine-tune",
         lambda p, s, b, r: step(p, s, b, rng=r),
@@ -137,6 +137,7 @@ def main(argv=None):
     )
     after = flow.eval_loss(lora_model.apply, params, held)
     print(f"held-out loss after QLoRA: {after:.4f} ({100 * (before - after) / before:.1f}% lower)")
+    print(f"updates skipped for a non-finite loss or gradient: {step.skipped(opt_state)}")
 
     adapter_dir = args.out / "adapter"
     lj.save_adapter(adapter_dir, params, cfg)
@@ -166,6 +167,7 @@ def main(argv=None):
         "requant_loss": requant_loss,
         "requant_error_median": float(np.median(errors)),
         "bits_per_weight": bits,
+        "skipped": step.skipped(opt_state),
         "adapter_bytes": size,
         "frozen_mib": mib(frozen),
         "adapter_dir": os.fspath(adapter_dir),
