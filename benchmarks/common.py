@@ -88,16 +88,24 @@ class Size:
             f"{self.name}: Llama {m.num_params() / 1e6:,.1f}M params ({m.num_layers} layers, hidden "
             f"{m.hidden_size}, mlp {m.intermediate_size}, heads {m.num_heads}/{m.num_kv_heads}, vocab "
             f"{m.vocab_size}, {jnp.dtype(m.dtype).name}), batch {self.batch} x {self.seq} tokens, "
-            f"LoRA rank {self.rank}"
-            + (", cuDNN attention" if m.attention == "cudnn" else "")
+            f"LoRA rank {self.rank}" + (", cuDNN attention" if m.attention == "cudnn" else "")
         )
 
 
 def llama_3b(**overrides: Any) -> LlamaConfig:
     """Llama-3.2-3B shapes (3,212,749,824 parameters), bfloat16: `llama_1b` with 3B overrides."""
     return LlamaConfig.llama_1b(
-        **{**dict(hidden_size=3072, intermediate_size=8192, num_layers=28, num_heads=24,
-                  num_kv_heads=8, head_dim=128), **overrides}
+        **{
+            **dict(
+                hidden_size=3072,
+                intermediate_size=8192,
+                num_layers=28,
+                num_heads=24,
+                num_kv_heads=8,
+                head_dim=128,
+            ),
+            **overrides,
+        }
     )
 
 
@@ -116,7 +124,9 @@ def size(name: str, **overrides: Any) -> Size:
     """The named size, with `Size` fields (batch, seq, rank, attention, ...) overridden."""
     if name not in SIZES:
         raise ValueError(f"Unknown size {name!r}; known: {sorted(SIZES)}.")
-    return dataclasses.replace(SIZES[name](), **{k: v for k, v in overrides.items() if v is not None})
+    return dataclasses.replace(
+        SIZES[name](), **{k: v for k, v in overrides.items() if v is not None}
+    )
 
 
 def tokens(sz: Size, key: int = 0) -> jax.Array:
@@ -156,7 +166,7 @@ def chunked_lm_loss(chunk: int):
             params = module.variables["params"]
             w = params["kernel"] if "kernel" in params else params["embedding"].T
             captured["x"], captured["w"] = args[0], w.astype(module.dtype or args[0].dtype)
-            return jnp.zeros(args[0].shape[:-1] + (w.shape[-1],), captured["w"].dtype)
+            return jnp.zeros((*args[0].shape[:-1], w.shape[-1]), captured["w"].dtype)
 
         with nn.intercept_methods(head):
             apply(batch[:, :-1])
@@ -211,19 +221,34 @@ def model_flops_per_token(sz: Size, targets: tuple[str, ...] | None = ALL_LINEAR
     m = sz.model
     h, hd, i = m.hidden_size, m.head_dim, m.intermediate_size
     kernels = {  # name -> (K, N) of one layer's kernel
-        "q_proj": (h, m.num_heads * hd), "k_proj": (h, m.num_kv_heads * hd),
-        "v_proj": (h, m.num_kv_heads * hd), "o_proj": (m.num_heads * hd, h),
-        "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+        "q_proj": (h, m.num_heads * hd),
+        "k_proj": (h, m.num_kv_heads * hd),
+        "v_proj": (h, m.num_kv_heads * hd),
+        "o_proj": (m.num_heads * hd, h),
+        "gate_proj": (h, i),
+        "up_proj": (h, i),
+        "down_proj": (i, h),
     }
     n = m.num_layers * sum(k * o for k, o in kernels.values()) + h * m.vocab_size
     attention = m.num_layers * 6 * sz.seq * m.num_heads * hd
     if targets is None:
-        return {"weights": 6 * n, "adapters": 0, "attention": attention,
-                "total": 6 * n + attention, "n_matmul": n}
-    adapters = m.num_layers * sum(6 * sz.rank * (k + o) for name, (k, o) in kernels.items()
-                                  if name in targets)
-    return {"frozen": 4 * n, "adapters": adapters, "attention": attention,
-            "total": 4 * n + adapters + attention, "n_matmul": n}
+        return {
+            "weights": 6 * n,
+            "adapters": 0,
+            "attention": attention,
+            "total": 6 * n + attention,
+            "n_matmul": n,
+        }
+    adapters = m.num_layers * sum(
+        6 * sz.rank * (k + o) for name, (k, o) in kernels.items() if name in targets
+    )
+    return {
+        "frozen": 4 * n,
+        "adapters": adapters,
+        "attention": attention,
+        "total": 4 * n + adapters + attention,
+        "n_matmul": n,
+    }
 
 
 # --------------------------------------------------------------------------- compiled programs
@@ -268,7 +293,7 @@ def compiled_figures(compiled) -> dict:
     cost = compiled.cost_analysis()
     cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else (cost or {})
     mem = compiled.memory_analysis()
-    get = lambda name: int(getattr(mem, name, 0) or 0)  # noqa: E731
+    get = lambda name: int(getattr(mem, name, 0) or 0)
     arg, out, temp, alias = (
         get(f"{n}_size_in_bytes") for n in ("argument", "output", "temp", "alias")
     )

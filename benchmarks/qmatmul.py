@@ -53,8 +53,17 @@ def check(paths: dict, ms, shapes, tol: float = 2e-2) -> list[dict]:
                 inp = jax.random.normal(jax.random.key(m + width), (m, width), jnp.bfloat16)
                 for name, (fwd, bwd) in paths.items():
                     err = rel_error(fwd if direction == "fwd" else bwd, inp, qt, direction == "bwd")
-                    rows.append({"k": k, "n": n, "m": m, "direction": direction, "path": name,
-                                 "rel_error": err, "ok": bool(err < tol)})
+                    rows.append(
+                        {
+                            "k": k,
+                            "n": n,
+                            "m": m,
+                            "direction": direction,
+                            "path": name,
+                            "rel_error": err,
+                            "ok": bool(err < tol),
+                        }
+                    )
     return rows
 
 
@@ -92,8 +101,10 @@ def main(argv=None):
     paths = {name: (fwd, bwd) for name, (fwd, bwd, _) in cases.items() if name != "bf16"}
     checks = check(paths, ms, [(args.k, args.n), (1000, 1040)])
     worst = {name: max(r["rel_error"] for r in checks if r["path"] == name) for name in paths}
-    print("correctness (max relative error vs float32 reference): "
-          + ", ".join(f"{n} {e:.2e}" for n, e in worst.items()))
+    print(
+        "correctness (max relative error vs float32 reference): "
+        + ", ".join(f"{n} {e:.2e}" for n, e in worst.items())
+    )
     bad = [r for r in checks if not r["ok"]]
     for r in bad:
         print(f"  WRONG: {r}")

@@ -9,8 +9,10 @@ from benchmarks.cases import finetune, merge, mfu, peers, quantized
 
 # group -> (module, table function, bars function); a case may give several groups.
 GROUPS = {
-    "finetune": [("finetune", finetune.markdown, finetune.bars),
-                 ("subtree", finetune.subtree_markdown, finetune.subtree_bars)],
+    "finetune": [
+        ("finetune", finetune.markdown, finetune.bars),
+        ("subtree", finetune.subtree_markdown, finetune.subtree_bars),
+    ],
     "quantized": [("quantized", quantized.markdown, quantized.bars)],
     "merge": [("merge", merge.markdown, merge.bars)],
     "peers": [("peers", peers.markdown, peers.bars)],
@@ -83,12 +85,18 @@ def plot(items, title: str, machine: dict, path: str) -> bool:
     except ImportError:
         return False
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    where = (machine["device_kind"] if machine["backend"] != "cpu"
-             else f"{machine['cpu']} ({machine['cpu_cores']} cores)")
+    where = (
+        machine["device_kind"]
+        if machine["backend"] != "cpu"
+        else f"{machine['cpu']} ({machine['cpu_cores']} cores)"
+    )
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(items) + 1.4))
     values = [0.0 if v is None or math.isnan(v) else v for _, v, _ in items]
-    ax.barh(range(len(items)), values,
-            color=["#cccccc" if v is None else "#4c72b0" for _, v, _ in items])
+    ax.barh(
+        range(len(items)),
+        values,
+        color=["#cccccc" if v is None else "#4c72b0" for _, v, _ in items],
+    )
     for i, (_, v, target) in enumerate(items):
         ax.text(values[i], i, " n/a" if v is None else f" {v:.2f}", va="center", fontsize=8)
         if target is not None:

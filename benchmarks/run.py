@@ -42,26 +42,45 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help=f"{QUICK_RUNS} timed rounds per case")
-    p.add_argument("--size", default=None,
-                   help=f"comma-separated sizes from {sorted(c.SIZES)}; default: tiny on CPU, 1b on GPU")
+    p.add_argument(
+        "--size",
+        default=None,
+        help=f"comma-separated sizes from {sorted(c.SIZES)}; default: tiny on CPU, 1b on GPU",
+    )
     p.add_argument("--cases", default=None, help=f"comma-separated, from {sorted(CASES)}")
     p.add_argument("--mfu-size", default="8b", help="the size of the mfu case (default 8b)")
     p.add_argument("--runs", type=int, default=None, help=f"timed rounds (at least {c.MIN_RUNS})")
     p.add_argument("--batch", type=int, default=None, help="override the size's batch")
     p.add_argument("--seq", type=int, default=None, help="override the size's sequence length")
     p.add_argument("--rank", type=int, default=None, help="override the LoRA rank")
-    p.add_argument("--peft", action=argparse.BooleanOptionalAction, default=None,
-                   help="run the PyTorch PEFT peer (default: on GPU only)")
-    p.add_argument("--remat", nargs="?", const=True, default=False, metavar="POLICY",
-                   help="mfu case: rematerialize each block (LlamaConfig.remat): wholly, or "
-                        "selectively with a jax.checkpoint_policies name, e.g. "
-                        "dots_with_no_batch_dims_saveable")
-    p.add_argument("--attention", choices=c.ATTENTION, default=None,
-                   help="LlamaConfig.attention of the bf16 models: cuDNN's fused kernel ('cudnn', "
-                        "the default on GPU) or XLA's unfused attention ('xla', the default "
-                        "elsewhere); float32 models always use 'xla'")
+    p.add_argument(
+        "--peft",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the PyTorch PEFT peer (default: on GPU only)",
+    )
+    p.add_argument(
+        "--remat",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="POLICY",
+        help="mfu case: rematerialize each block (LlamaConfig.remat): wholly, or "
+        "selectively with a jax.checkpoint_policies name, e.g. "
+        "dots_with_no_batch_dims_saveable",
+    )
+    p.add_argument(
+        "--attention",
+        choices=c.ATTENTION,
+        default=None,
+        help="LlamaConfig.attention of the bf16 models: cuDNN's fused kernel ('cudnn', "
+        "the default on GPU) or XLA's unfused attention ('xla', the default "
+        "elsewhere); float32 models always use 'xla'",
+    )
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="results directory")
     p.add_argument("--plots", default=None, help="write one PNG per case group here")
     p.add_argument("--fresh", action="store_true", help="do not keep earlier results in the file")
@@ -71,7 +90,9 @@ def parse(argv=None) -> argparse.Namespace:
     args.sizes = (args.size or ("1b" if gpu else "tiny")).split(",")
     default_cases = list(CASES) if gpu else [k for k in CASES if k != "mfu"]
     args.case_list = args.cases.split(",") if args.cases else default_cases
-    unknown = [k for k in args.case_list if k not in CASES] + [s for s in args.sizes if s not in c.SIZES]
+    unknown = [k for k in args.case_list if k not in CASES] + [
+        s for s in args.sizes if s not in c.SIZES
+    ]
     if unknown:
         p.error(f"unknown case or size {unknown}; cases {sorted(CASES)}, sizes {sorted(c.SIZES)}")
     args.runs = max(args.runs or (QUICK_RUNS if args.quick else FULL_RUNS), c.MIN_RUNS)
@@ -107,24 +128,43 @@ def main(argv=None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, name)
     report = _load(base + ".json", args.fresh)
-    report.update(machine=info, mode="quick" if args.quick else "full", runs=args.runs,
-                  command="python -m benchmarks.run " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])))
+    report.update(
+        machine=info,
+        mode="quick" if args.quick else "full",
+        runs=args.runs,
+        command="python -m benchmarks.run "
+        + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+    )
     report.setdefault("sizes", {})
-    print(f"JAX {info['jax']} on {info['backend']} ({info['device_kind']}); {args.runs} rounds; "
-          f"results -> {base}.json", flush=True)
+    print(
+        f"JAX {info['jax']} on {info['backend']} ({info['device_kind']}); {args.runs} rounds; "
+        f"results -> {base}.json",
+        flush=True,
+    )
     t0 = time.perf_counter()
-    log = lambda s: print(f"[{time.perf_counter() - t0:6.1f}s] {s}", flush=True)  # noqa: E731
+    log = lambda s: print(f"[{time.perf_counter() - t0:6.1f}s] {s}", flush=True)
     for size_name in args.sizes:
         cache: dict = {}  # base weights and compiled LoRA steps, shared by the cases of a size
         for case in args.case_list:
             sname = args.mfu_size if case == "mfu" else size_name
-            if case == "mfu" and sname in report["sizes"] and "mfu" in report["sizes"][sname] \
-                    and len(args.sizes) > 1 and size_name != args.sizes[0]:
+            if (
+                case == "mfu"
+                and sname in report["sizes"]
+                and "mfu" in report["sizes"][sname]
+                and len(args.sizes) > 1
+                and size_name != args.sizes[0]
+            ):
                 continue  # the mfu case has its own size: run it once
-            sz = c.size(sname, batch=args.batch, seq=args.seq, rank=args.rank,
-                        attention=args.attention)
-            ctx = c.Context(size=sz, runs=args.runs, quick=args.quick, log=log,
-                            cache=cache if case != "mfu" else {})
+            sz = c.size(
+                sname, batch=args.batch, seq=args.seq, rank=args.rank, attention=args.attention
+            )
+            ctx = c.Context(
+                size=sz,
+                runs=args.runs,
+                quick=args.quick,
+                log=log,
+                cache=cache if case != "mfu" else {},
+            )
             log(f"[{sname}] {case}: {sz.describe()}")
             start = time.perf_counter()
             try:
@@ -134,7 +174,7 @@ def main(argv=None) -> dict:
                 if case == "mfu":
                     kwargs["remat"] = args.remat
                 result = CASES[case].run(ctx, **kwargs)
-            except Exception as e:  # noqa: BLE001 - one failing case must not lose the others
+            except Exception as e:  # one failing case must not lose the others
                 traceback.print_exc()
                 result = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
             result["seconds"] = round(time.perf_counter() - start, 1)

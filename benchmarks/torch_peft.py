@@ -58,11 +58,12 @@ def _loss(model, ids, chunk):
     head = base.lm_head
     total = 0.0
     for start in range(0, flat.numel(), chunk):
+
         def piece(h, t):
             return F.cross_entropy(head(h).float(), t, reduction="sum")
 
         total = total + torch.utils.checkpoint.checkpoint(
-            piece, hidden[start:start + chunk], flat[start:start + chunk], use_reentrant=False
+            piece, hidden[start : start + chunk], flat[start : start + chunk], use_reentrant=False
         )
     return total / flat.numel()
 
@@ -73,8 +74,10 @@ def measure(spec: dict) -> dict:
         import torch
         import transformers
     except ImportError as e:
-        return {"skipped": f"PyTorch peer not installed (pip install -r requirements-peers.txt "
-                           f"and torch): {e}"}
+        return {
+            "skipped": f"PyTorch peer not installed (pip install -r requirements-peers.txt "
+            f"and torch): {e}"
+        }
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[
         spec["dtype"]
@@ -83,14 +86,19 @@ def measure(spec: dict) -> dict:
     with torch.device(device):
         try:
             model = transformers.LlamaForCausalLM._from_config(
-                _config(spec), dtype=dtype, attn_implementation="sdpa")
+                _config(spec), dtype=dtype, attn_implementation="sdpa"
+            )
         except TypeError:  # transformers 4 spells it torch_dtype
             model = transformers.LlamaForCausalLM._from_config(
-                _config(spec), torch_dtype=dtype, attn_implementation="sdpa")
+                _config(spec), torch_dtype=dtype, attn_implementation="sdpa"
+            )
     model.train()
     cfg = peft.LoraConfig(
-        r=spec["rank"], lora_alpha=2 * spec["rank"], lora_dropout=0.0,
-        target_modules=list(spec["targets"]), bias="none",
+        r=spec["rank"],
+        lora_alpha=2 * spec["rank"],
+        lora_dropout=0.0,
+        target_modules=list(spec["targets"]),
+        bias="none",
     )
     model = peft.get_peft_model(model, cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -129,14 +137,18 @@ def measure(spec: dict) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--spec", required=True, help="JSON: the model's shapes, batch, seq, rank, targets, runs")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--spec", required=True, help="JSON: the model's shapes, batch, seq, rank, targets, runs"
+    )
     p.add_argument("--json", required=True, help="where to write the result")
     args = p.parse_args(argv)
     spec = json.loads(args.spec)
     try:
         result = measure(spec)
-    except Exception as e:  # noqa: BLE001 - reported as a row, e.g. out of memory
+    except Exception as e:  # reported as a row, e.g. out of memory
         result = {"skipped": f"PEFT failed: {type(e).__name__}: {str(e)[:250]}"}
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2)

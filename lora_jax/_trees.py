@@ -76,7 +76,11 @@ def listing(problems: Iterable[str]) -> str:
     """Problem lines, one per line and at most `MAX_LISTED`, then how many more."""
     problems = list(problems)
     more = len(problems) - MAX_LISTED
-    return "\n  " + "\n  ".join(problems[:MAX_LISTED]) + (f"\n  ... and {more} more." if more > 0 else "")
+    return (
+        "\n  "
+        + "\n  ".join(problems[:MAX_LISTED])
+        + (f"\n  ... and {more} more." if more > 0 else "")
+    )
 
 
 def raise_problems(
@@ -98,7 +102,9 @@ def quoted(paths: Iterable[str]) -> str:
     """'a', 'b' and 3 more: a short list of paths for a message."""
     paths = list(paths)
     more = len(paths) - MAX_LISTED
-    return ", ".join(f"'{p}'" for p in paths[:MAX_LISTED]) + (f" and {more} more" if more > 0 else "")
+    return ", ".join(f"'{p}'" for p in paths[:MAX_LISTED]) + (
+        f" and {more} more" if more > 0 else ""
+    )
 
 
 # --------------------------------------------------------------------------- optimizer state

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -50,7 +50,7 @@ def _as_names(field: str, value: Any) -> str | tuple[str, ...]:
     return tuple(value)
 
 
-def _as_pattern(field: str, value: Any, check) -> Pattern:
+def _as_pattern(field: str, value: Any, check: Callable[[str, Any], None]) -> Pattern:
     """A mapping regex -> value becomes an ordered tuple of pairs, so the config stays hashable."""
     items = value.items() if isinstance(value, Mapping) else value
     try:
@@ -142,7 +142,7 @@ class QuantConfig:
     exclude: str | tuple[str, ...] = ()
     kernel: str = "auto"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.fmt not in QUANT_FORMATS:
             raise ValueError(f"QuantConfig.fmt must be one of {QUANT_FORMATS}, got {self.fmt!r}.")
         b = self.block_size
@@ -205,7 +205,7 @@ class LoraConfig:
     trainable: tuple[str, ...] = ()
     quantize: QuantConfig | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _check_rank("rank", self.rank)
         _check_alpha("alpha", self.alpha)
         if (

@@ -21,7 +21,7 @@ or many.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -49,8 +49,10 @@ def auto_mesh(mesh: Mesh) -> Mesh:
     lora_jax shards the inputs and outputs of a step and lets XLA propagate the rest.
     """
     if not isinstance(mesh, Mesh):
-        raise TypeError(f"mesh must be a jax.sharding.Mesh (e.g. jax.make_mesh((2, 4), "
-                        f"('data', 'model'))), got {type(mesh).__name__}.")
+        raise TypeError(
+            f"mesh must be a jax.sharding.Mesh (e.g. jax.make_mesh((2, 4), "
+            f"('data', 'model'))), got {type(mesh).__name__}."
+        )
     if all(t == AxisType.Auto for t in mesh.axis_types):
         return mesh
     return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * mesh.devices.ndim)
@@ -80,23 +82,32 @@ def partition_specs(params: Tree, specs: Tree | None = None) -> dict:
     """
     flat = _trees.flat(params)
     plan = Plan.of(params)
-    given = _given(specs, flat) if specs is not None else {
-        k: _box_spec(v)
-        for k, v in flat.items()
-        if not _paths.is_adapter_leaf(k) or isinstance(v, meta.Partitioned)
-    }
+    given = (
+        _given(specs, flat)
+        if specs is not None
+        else {
+            k: _box_spec(v)
+            for k, v in flat.items()
+            if not _paths.is_adapter_leaf(k) or isinstance(v, meta.Partitioned)
+        }
+    )
     missing = [k for k in flat if k not in given and not _is_lora(k)]
     _raise_listed("has no sharding spec (give one for every base leaf)", missing)
-    out = {k: (v if _is_record(v) else _padded(k, v, given[k]))
-           for k, v in flat.items() if not _paths.is_adapter_leaf(k)}
+    out = {
+        k: (v if _is_record(v) else _padded(k, v, given[k]))
+        for k, v in flat.items()
+        if not _paths.is_adapter_leaf(k)
+    }
     problems = []
     for path in (k for k in flat if _paths.is_adapter_leaf(k)):
         out[path] = _adapter_spec(path, flat, out, plan)
         own = given.get(path)
         if own is not None and _padded(path, flat[path], own) != out[path]:
             kernel = _paths.adapted_param(path)[0]
-            problems.append(f"Adapter '{path}' has spec {own} but its kernel's spec "
-                            f"{out[kernel]} gives {out[path]}.")
+            problems.append(
+                f"Adapter '{path}' has spec {own} but its kernel's spec "
+                f"{out[kernel]} gives {out[path]}."
+            )
     _raise(problems)
     return _trees.unflat(out)
 
@@ -129,19 +140,31 @@ def param_shardings(
     if rules is not None:
         check_rules(rules, mesh)
         flat_specs = {k: to_mesh_spec(s, rules) for k, s in flat_specs.items()}
-    unknown = sorted({a for s in flat_specs.values() for a in _spec_axes(s)
-                      if a not in mesh.axis_names})
+    unknown = sorted(
+        {a for s in flat_specs.values() for a in _spec_axes(s) if a not in mesh.axis_names}
+    )
     if unknown:
-        example = next(f"'{k}' {s}" for k, s in flat_specs.items()
-                       if set(_spec_axes(s)) & set(unknown))
+        example = next(
+            f"'{k}' {s}" for k, s in flat_specs.items() if set(_spec_axes(s)) & set(unknown)
+        )
         raise ValueError(
             f"The specs name mesh axes {unknown} that the mesh lacks (its axes are "
             f"{tuple(mesh.axis_names)}), e.g. leaf {example}. "
-            + ("Fix the rules." if rules is not None else "Logical axis names (e.g. from "
-               "nn.with_logical_partitioning) need rules= to map them to mesh axes."))
+            + (
+                "Fix the rules."
+                if rules is not None
+                else "Logical axis names (e.g. from "
+                "nn.with_logical_partitioning) need rules= to map them to mesh axes."
+            )
+        )
     shapes = {k: shape_of(v) for k, v in _trees.flat(params).items() if k not in records}
-    _raise([p for k, s in flat_specs.items() for p in _spec_problems(f"Leaf '{k}'", shapes[k], s,
-                                                                      mesh)])
+    _raise(
+        [
+            p
+            for k, s in flat_specs.items()
+            for p in _spec_problems(f"Leaf '{k}'", shapes[k], s, mesh)
+        ]
+    )
     values = {k: _trees.unbox(v) for k, v in _trees.flat(params).items()}
     named = {k: _named(mesh, s, values[k]) for k, s in flat_specs.items()}
     return _trees.unflat({**named, **records})
@@ -150,17 +173,21 @@ def param_shardings(
 def check_rules(rules: Rules, mesh: Mesh) -> None:
     """Raises unless every rule is (logical name, mesh axes) naming axes of `mesh`."""
     if isinstance(rules, (str, Mapping)) or not isinstance(rules, Sequence):
-        raise TypeError(f"rules must be a sequence of (logical_name, mesh_axes) pairs, got "
-                        f"{rules!r}.")
+        raise TypeError(
+            f"rules must be a sequence of (logical_name, mesh_axes) pairs, got {rules!r}."
+        )
     problems = []
     for rule in rules:
         if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
-            raise TypeError(f"Each logical axis rule must be (logical_name, mesh_axes), got "
-                            f"{rule!r}.")
+            raise TypeError(
+                f"Each logical axis rule must be (logical_name, mesh_axes), got {rule!r}."
+            )
         for axis in _axes(rule[1]):
             if axis not in mesh.axis_names:
-                problems.append(f"Logical axis rule {tuple(rule)!r} maps to mesh axis {axis!r}, "
-                                f"but the mesh's axes are {tuple(mesh.axis_names)}.")
+                problems.append(
+                    f"Logical axis rule {tuple(rule)!r} maps to mesh axis {axis!r}, "
+                    f"but the mesh's axes are {tuple(mesh.axis_names)}."
+                )
     _raise(problems)
 
 
@@ -191,12 +218,19 @@ def batch_sharding(
         if mapped is None and "data" not in mesh.axis_names:
             raise ValueError(
                 f"No batch sharding: the rules map no logical axis 'batch' and the mesh "
-                f"{dict(mesh.shape)} has no axis 'data'. Pass batch_sharding=PartitionSpec(...).")
+                f"{dict(mesh.shape)} has no axis 'data'. Pass batch_sharding=PartitionSpec(...)."
+            )
         spec = PartitionSpec("data" if mapped is None else mapped)
     if not isinstance(spec, PartitionSpec):
         raise TypeError(f"batch_sharding must be a PartitionSpec or NamedSharding, got {spec!r}.")
-    _raise([f"batch_sharding {spec} names mesh axis {a!r}, but the mesh's axes are "
-            f"{tuple(mesh.axis_names)}." for a in _spec_axes(spec) if a not in mesh.axis_names])
+    _raise(
+        [
+            f"batch_sharding {spec} names mesh axis {a!r}, but the mesh's axes are "
+            f"{tuple(mesh.axis_names)}."
+            for a in _spec_axes(spec)
+            if a not in mesh.axis_names
+        ]
+    )
     return NamedSharding(mesh, spec)
 
 
@@ -227,12 +261,14 @@ def shard_batch(batch: Any, sharding: NamedSharding) -> Any:
         p
         for key, leaf in leaves
         if not many or (isinstance(leaf, jax.Array) and not leaf.is_fully_addressable)
-        for p in _spec_problems(f"Batch leaf '{_batch_path(key)}'", np.shape(leaf), sharding.spec,
-                                sharding.mesh)
+        for p in _spec_problems(
+            f"Batch leaf '{_batch_path(key)}'", np.shape(leaf), sharding.spec, sharding.mesh
+        )
     ]
     _raise(problems)
-    return jax.tree_util.tree_unflatten(treedef, [_put_rows(_batch_path(k), v, sharding)
-                                                  for k, v in leaves])
+    return jax.tree_util.tree_unflatten(
+        treedef, [_put_rows(_batch_path(k), v, sharding) for k, v in leaves]
+    )
 
 
 def used_axes(shardings: Any) -> set[str]:
@@ -254,14 +290,18 @@ def shape_of(v: Any) -> tuple[int, ...]:
 # --------------------------------------------------------------------------- helpers
 
 
-def _named(mesh: Mesh, spec: PartitionSpec, leaf):
+def _named(mesh: Mesh, spec: PartitionSpec, leaf: Any) -> NamedSharding | QuantizedTensor:
     """A `NamedSharding` for a leaf; for a 4-bit kernel, one per field of its pytree."""
     if not isinstance(leaf, QuantizedTensor):
         return NamedSharding(mesh, spec)
     return quantized_specs(leaf, spec, lambda s: NamedSharding(mesh, s))
 
 
-def quantized_specs(qt: QuantizedTensor, spec: PartitionSpec, wrap=lambda s: s):
+def quantized_specs(
+    qt: QuantizedTensor,
+    spec: PartitionSpec,
+    wrap: Callable[[PartitionSpec], Any] = lambda s: s,
+) -> QuantizedTensor:
     """Specs for the fields of a `QuantizedTensor` from its dense kernel's spec.
 
     Leading (stacked-layer, batch) axes keep their entries; the output axis N of `codes` and
@@ -278,7 +318,7 @@ def quantized_specs(qt: QuantizedTensor, spec: PartitionSpec, wrap=lambda s: s):
     lead, outs = entries[:n_lead], entries[n_lead + n_in :]
     n_entry = outs[0] if all(e is None for e in outs[1:]) else None
     matrix = wrap(PartitionSpec(*lead, None, n_entry))
-    on = lambda field, s: None if getattr(qt, field) is None else wrap(s)  # noqa: E731
+    on = lambda field, s: None if getattr(qt, field) is None else wrap(s)
     return qt.replace(
         codes=matrix,
         scales=on("scales", PartitionSpec(*lead, None, n_entry)),
@@ -295,11 +335,11 @@ def _is_lora(path: str) -> bool:
     return _paths.is_adapter_leaf(path) or path.startswith(_paths.LORA + "/")
 
 
-def _box_spec(v) -> PartitionSpec:
+def _box_spec(v: Any) -> PartitionSpec:
     return PartitionSpec(*v.names) if isinstance(v, meta.Partitioned) else PartitionSpec()
 
 
-def _as_spec(path: str, s) -> PartitionSpec:
+def _as_spec(path: str, s: PartitionSpec | NamedSharding | None) -> PartitionSpec:
     if s is None:
         return PartitionSpec()
     if isinstance(s, NamedSharding):
@@ -317,11 +357,13 @@ def _given(specs: Tree, flat: Mapping[str, Any]) -> dict[str, PartitionSpec]:
     return {k: _as_spec(k, v) for k, v in given.items() if not _is_record(v)}
 
 
-def _padded(path: str, leaf, spec: PartitionSpec) -> PartitionSpec:
+def _padded(path: str, leaf: Any, spec: PartitionSpec) -> PartitionSpec:
     ndim = len(shape_of(leaf))
     if len(spec) > ndim:
-        raise ValueError(f"Leaf '{path}' has {ndim} axes (shape {shape_of(leaf)}) but its spec "
-                         f"{spec} names {len(spec)}.")
+        raise ValueError(
+            f"Leaf '{path}' has {ndim} axes (shape {shape_of(leaf)}) but its spec "
+            f"{spec} names {len(spec)}."
+        )
     return PartitionSpec(*spec, *(None,) * (ndim - len(spec)))
 
 
@@ -335,7 +377,9 @@ def _adapter_spec(
         missing = _paths.record_path(param, name) if record is None else param
         raise ValueError(f"Adapter leaf '{path}' has no '{missing}' to take its sharding from.")
     stored = shape_of(flat[param])
-    problems = record.geometry.problems(_paths.to_param(param), stored, {leaf: shape_of(flat[path])})
+    problems = record.geometry.problems(
+        _paths.to_param(param), stored, {leaf: shape_of(flat[path])}
+    )
     if problems:
         raise ValueError(" ".join(problems))
     axes = variant_for(record.variant).axes(record.geometry, tuple(specs[param]), len(stored))
@@ -352,7 +396,7 @@ def _spec_axes(spec: PartitionSpec) -> list[str]:
     return [a for entry in spec for a in _axes(entry)]
 
 
-def _spec_problems(what: str, shape, spec: PartitionSpec, mesh: Mesh) -> list[str]:
+def _spec_problems(what: str, shape: Sequence[int], spec: PartitionSpec, mesh: Mesh) -> list[str]:
     """What keeps an array of `shape` from being sharded with `spec` (axes of `mesh`)."""
     problems = []
     if len(spec) > len(shape):
@@ -363,7 +407,8 @@ def _spec_problems(what: str, shape, spec: PartitionSpec, mesh: Mesh) -> list[st
         if shape[dim] % n:
             problems.append(
                 f"{what} has shape {tuple(shape)}: dimension {dim} ({shape[dim]}) is not "
-                f"divisible by the {n} devices of mesh axes {axes} (spec {spec}).")
+                f"divisible by the {n} devices of mesh axes {axes} (spec {spec})."
+            )
     return problems
 
 
@@ -371,19 +416,21 @@ def _batch_path(key: tuple) -> str:
     return _paths.keystr(key) or "batch"
 
 
-def _put_rows(path: str, leaf, sharding: NamedSharding):
+def _put_rows(path: str, leaf: Any, sharding: NamedSharding) -> jax.Array:
     """A global array from a batch leaf: a global jax.Array as is, else this process's rows."""
     if isinstance(leaf, jax.Array) and (jax.process_count() == 1 or not leaf.is_fully_addressable):
         return _put(leaf, sharding)
     try:
         return jax.make_array_from_process_local_data(sharding, np.asarray(leaf))
     except ValueError as e:
-        raise ValueError(f"Batch leaf '{path}' (this process's rows, shape {np.shape(leaf)}) "
-                         f"does not split over batch_sharding {sharding.spec} on mesh "
-                         f"{dict(sharding.mesh.shape)}: {e}") from None
+        raise ValueError(
+            f"Batch leaf '{path}' (this process's rows, shape {np.shape(leaf)}) "
+            f"does not split over batch_sharding {sharding.spec} on mesh "
+            f"{dict(sharding.mesh.shape)}: {e}"
+        ) from None
 
 
-def _put(x, sharding):
+def _put(x: Any, sharding: NamedSharding) -> jax.Array:
     if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
         return x
     if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):

@@ -200,7 +200,7 @@ class TrainStep:
     def _step(self, trainable: Tree, frozen: Tree, opt_state: Any, batch: Any, rngs: Any) -> tuple:
         def objective(trainable: Tree) -> Any:
             variables = combine(trainable, frozen)
-            apply = lambda *a, **kw: self.apply(variables, *a, rngs=rngs, **kw)  # noqa: E731
+            apply = lambda *a, **kw: self.apply(variables, *a, rngs=rngs, **kw)
             return _checked_loss(self.loss_fn(apply, batch), self.has_aux)
 
         value, grads = jax.value_and_grad(objective, has_aux=self.has_aux)(trainable)
@@ -266,8 +266,11 @@ def _state_shardings(abstract_state: Any, trainable: Tree, params: Tree, replica
     """Optimizer-state shardings: a leaf that mirrors a trainable leaf (`_trees.mirrored`) is
     sharded like it; anything else (step counts, factored statistics) is replicated."""
     by_path = _trees.flat(trainable)
-    shapes = {k: jax.ShapeDtypeStruct(sh.shape_of(v), jnp.float32)
-              for k, v in _trees.flat(params).items() if k in by_path}
+    shapes = {
+        k: jax.ShapeDtypeStruct(sh.shape_of(v), jnp.float32)
+        for k, v in _trees.flat(params).items()
+        if k in by_path
+    }
 
     def sharding(path: str, leaf: Any) -> Any:
         match = _trees.mirrored(path, leaf.shape, shapes)
@@ -282,8 +285,11 @@ def _check_axes_used(layout: _Layout, shardings: Tree) -> None:
     idle = [a for a in layout.mesh.axis_names if layout.mesh.shape[a] > 1 and a not in used]
     if idle:
         known = sorted(sh.rule_axes(layout.rules or ()))
-        source = (f"the rules map logical axes to mesh axes {known} only" if layout.rules
-                  else f"the param shardings use mesh axes {sorted(sh.used_axes(shardings))} only")
+        source = (
+            f"the rules map logical axes to mesh axes {known} only"
+            if layout.rules
+            else f"the param shardings use mesh axes {sorted(sh.used_axes(shardings))} only"
+        )
         raise ValueError(
             f"Mesh axes {idle} (mesh {dict(layout.mesh.shape)}) shard no parameter and not the "
             f"batch (batch_sharding {layout.batch.spec}; {source}), so every device along "
@@ -379,8 +385,15 @@ def make_train_step(
         raise TypeError(f"loss_fn must be callable, got {loss_fn!r}.")
     layout = None
     if mesh is None:
-        given = [n for n, v in (("param_shardings", param_shardings), ("rules", rules),
-                                ("batch_sharding", batch_sharding)) if v is not None]
+        given = [
+            n
+            for n, v in (
+                ("param_shardings", param_shardings),
+                ("rules", rules),
+                ("batch_sharding", batch_sharding),
+            )
+            if v is not None
+        ]
         if given:
             raise ValueError(f"make_train_step got {', '.join(given)} but no mesh: pass mesh=.")
     else:
@@ -390,6 +403,11 @@ def make_train_step(
         batch = sh.batch_sharding(mesh, batch_sharding, rules=rules)
         layout = _Layout(mesh, param_shardings, None if rules is None else tuple(rules), batch)
     return TrainStep(
-        apply, loss_fn, tx, has_aux=has_aux, donate=donate, skip_nonfinite=skip_nonfinite,
+        apply,
+        loss_fn,
+        tx,
+        has_aux=has_aux,
+        donate=donate,
+        skip_nonfinite=skip_nonfinite,
         layout=layout,
     )

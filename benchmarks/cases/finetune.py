@@ -35,7 +35,9 @@ def full_step(model, loss, tx):
     """Full fine-tuning: grads of every parameter, params and optimizer state donated."""
 
     def step(params, state, batch):
-        value, grads = jax.value_and_grad(lambda p: loss(lambda x: model.apply(p, x), batch))(params)
+        value, grads = jax.value_and_grad(lambda p: loss(lambda x: model.apply(p, x), batch))(
+            params
+        )
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state, value
 
@@ -46,9 +48,9 @@ def whole_tree_step(lora_model, loss, tx, donate: bool):
     """Grads of the whole LoRA tree; the optimizer's set_to_zero keeps frozen leaves still."""
 
     def step(params, state, batch):
-        value, grads = jax.value_and_grad(
-            lambda p: loss(lambda x: lora_model.apply(p, x), batch)
-        )(params)
+        value, grads = jax.value_and_grad(lambda p: loss(lambda x: lora_model.apply(p, x), batch))(
+            params
+        )
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state, value
 
@@ -68,7 +70,7 @@ def lora_step(lora_model, params, batch, loss):
     trainable, frozen = lj.partition(params)
     trainable = jax.tree.map(jnp.copy, trainable)  # donated by the step
     args = (trainable, frozen, step.init(params), batch, None)
-    advance = lambda a, out: (out[0], a[1], out[1], a[3], a[4])  # noqa: E731
+    advance = lambda a, out: (out[0], a[1], out[1], a[3], a[4])
     return c.compile_step(step.jitted, args, advance)
 
 
@@ -110,9 +112,15 @@ def lora(ctx: c.Context, targets, quantize=None, size: c.Size | None = None) -> 
         ctx.log(f"  compiling lora_jax {'QLoRA' if quantize else 'LoRA'} on {','.join(targets)}")
         step, figures = lora_step(lora_model, params, batch, c.loss_for(sz))
         trainable, frozen = lj.partition(params)
-        return {"model": lora_model, "params": params, "step": step, "figures": figures,
-                "frozen_bytes": c.nbytes(frozen["params"]), "trainable_bytes": c.nbytes(trainable),
-                "param_bytes": c.nbytes(params["params"])}
+        return {
+            "model": lora_model,
+            "params": params,
+            "step": step,
+            "figures": figures,
+            "frozen_bytes": c.nbytes(frozen["params"]),
+            "trainable_bytes": c.nbytes(trainable),
+            "param_bytes": c.nbytes(params["params"]),
+        }
 
     return ctx.cached(("lora", sz, tuple(targets), quantize), make)
 
@@ -143,7 +151,7 @@ def run(ctx: c.Context) -> dict:
     for variant, donate in (("whole_tree", True), ("whole_nodon", False)):
         ctx.log(f"  compiling {variant}")
         wargs = (copy(params), tx.init(params), batch)
-        advance = lambda a, out: (out[0], out[1], a[2])  # noqa: E731
+        advance = lambda a, out: (out[0], out[1], a[2])
         subtree[variant], figures[variant] = c.compile_step(
             whole_tree_step(lora_model, loss, tx, donate), wargs, advance
         )
@@ -154,8 +162,10 @@ def run(ctx: c.Context) -> dict:
     times |= {k: v for k, v in subtimes.items() if k != "lora_all"}
     times["lora_all_subtree"] = subtimes["lora_all"]
     figures["lora_all_subtree"], info["lora_all_subtree"] = figures["lora_all"], info["lora_all"]
-    rows = {n: {**figures[n], **times[n], **info[n], "tokens_per_s": sz.tokens / (times[n]["ms"] / 1e3)}
-            for n in times}
+    rows = {
+        n: {**figures[n], **times[n], **info[n], "tokens_per_s": sz.tokens / (times[n]["ms"] / 1e3)}
+        for n in times
+    }
     ref = rows["full"]
     for row in rows.values():
         row["time_ratio"] = c.ratio(row["ms"], ref["ms"])
@@ -177,7 +187,9 @@ def add_theory(rows: dict, sz: c.Size) -> None:
     fine-tuning's, and the measured time ratio over that theory (1.0: as fast as the FLOPs
     allow, relative to full fine-tuning)."""
     for name, row in rows.items():
-        row["model_flops"] = c.model_flops_per_token(sz, TARGETS.get(name, c.ALL_LINEAR))["total"] * sz.tokens
+        row["model_flops"] = (
+            c.model_flops_per_token(sz, TARGETS.get(name, c.ALL_LINEAR))["total"] * sz.tokens
+        )
     for row in rows.values():
         row["model_flops_ratio"] = c.ratio(row["model_flops"], rows["full"]["model_flops"])
         row["time_vs_theory"] = c.ratio(row.get("time_ratio"), row["model_flops_ratio"])
@@ -218,7 +230,7 @@ def markdown(result: dict) -> str:
             f"| {c.fmt(r['state_ratio'] / r['memory_theory'] if lora else None)} |"
         )
     best = rows["lora_all"]
-    verdict = lambda ok: "met" if ok else "missed"  # noqa: E731
+    verdict = lambda ok: "met" if ok else "missed"
     out += [
         "",
         "theory: model FLOPs per step (LoRA: 4N for the frozen kernels + the adapters + "
@@ -271,7 +283,8 @@ def subtree_bars(result: dict):
     rows = result["rows"]
     ref = rows["lora_all_subtree"]
     return [
-        (f"{k} time", c.ratio(rows[k]["ms"], ref["ms"]), None) for k in ("whole_tree", "whole_nodon")
+        (f"{k} time", c.ratio(rows[k]["ms"], ref["ms"]), None)
+        for k in ("whole_tree", "whole_nodon")
     ] + [
         (f"{k} outputs", c.ratio(rows[k]["output_bytes"], ref["output_bytes"]), None)
         for k in ("whole_tree", "whole_nodon")

@@ -57,12 +57,21 @@ def run(ctx: c.Context) -> dict:
     rows = {}
     for name, t in times.items():
         ref = times["plain loop (jit)" if "jit" in name else "plain loop (eager)"]
-        rows[name] = {**t, "gb_per_s": adapted / (t["ms"] / 1e3) / 1e9,
-                      "time_vs_plain": c.ratio(t["ms"], ref["ms"])}
-    same = jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), lj.merge(params),
-                        plain_merge(params))
-    return {"title": TITLE, "size": sz.describe(), "adapted_bytes": adapted, "rows": rows,
-            "same_result": all(jax.tree.leaves(same))}
+        rows[name] = {
+            **t,
+            "gb_per_s": adapted / (t["ms"] / 1e3) / 1e9,
+            "time_vs_plain": c.ratio(t["ms"], ref["ms"]),
+        }
+    same = jax.tree.map(
+        lambda x, y: bool(jnp.array_equal(x, y)), lj.merge(params), plain_merge(params)
+    )
+    return {
+        "title": TITLE,
+        "size": sz.describe(),
+        "adapted_bytes": adapted,
+        "rows": rows,
+        "same_result": all(jax.tree.leaves(same)),
+    }
 
 
 def markdown(result: dict) -> str:
@@ -74,7 +83,9 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|",
     ]
     for name, r in result["rows"].items():
-        out.append(f"| {name} | {c.fmt(r['ms'], 3)} | {c.fmt(r['gb_per_s'])} | {c.fmt(r['time_vs_plain'])} |")
+        out.append(
+            f"| {name} | {c.fmt(r['ms'], 3)} | {c.fmt(r['gb_per_s'])} | {c.fmt(r['time_vs_plain'])} |"
+        )
     return "\n".join(out)
 
 

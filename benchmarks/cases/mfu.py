@@ -59,14 +59,21 @@ def run(ctx: c.Context, *, peft: bool | None = None, remat: bool | str = False) 
     device = jax.devices()[0].device_kind
     peak = c.peak_flops(device)
     row = {
-        **figures, **times, "tokens_per_s": tokens_per_s, "flops_per_token": flops,
+        **figures,
+        **times,
+        "tokens_per_s": tokens_per_s,
+        "flops_per_token": flops,
         "model_tflops_per_s": flops["total"] * tokens_per_s / 1e12,
         "xla_tflops_per_s": figures["flops"] / (times["ms"] / 1e3) / 1e12,
         "peak_tflops": None if peak is None else peak / 1e12,
         "mfu": None if peak is None else flops["total"] * tokens_per_s / peak,
-        "mfu_measured_peak": (flops["total"] * tokens_per_s / MEASURED_PEAK
-                              if jax.default_backend() == "gpu" else None),
-        "remat": remat, "chunked_loss": sz.chunked_loss,
+        "mfu_measured_peak": (
+            flops["total"] * tokens_per_s / MEASURED_PEAK
+            if jax.default_backend() == "gpu"
+            else None
+        ),
+        "remat": remat,
+        "chunked_loss": sz.chunked_loss,
     }
     if "skipped" not in p:
         p["time_vs_lora_jax"] = c.ratio(p["ms"], times["ms"])
@@ -78,9 +85,14 @@ def markdown(result: dict) -> str:
     r, p = result["lora"], result["peft"]
     f = r["flops_per_token"]
     mfu = r["mfu"]
-    pct = lambda v: "–" if v is None else f"{v:.1%}"  # noqa: E731
-    verdict = "–" if mfu is None else (
-        f"{'met' if mfu >= MFU_GOAL else 'missed'} (goal {MFU_GOAL:.0%}, stretch {MFU_STRETCH:.0%})")
+    pct = lambda v: "–" if v is None else f"{v:.1%}"
+    verdict = (
+        "–"
+        if mfu is None
+        else (
+            f"{'met' if mfu >= MFU_GOAL else 'missed'} (goal {MFU_GOAL:.0%}, stretch {MFU_STRETCH:.0%})"
+        )
+    )
     out = [
         f"**{TITLE}** — {result['size']}, on {result['device']}"
         + ({True: ", block remat", False: ""}.get(r["remat"], f", remat policy {r['remat']}"))

@@ -44,7 +44,7 @@ def _skip(reason: str) -> dict:
 def adapter_split(params):
     """(trainable dict keyed by key path, frozen leaves) of a qwix params tree."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    is_adapter = lambda path: str(path[-1]).strip("[]'\".").endswith(("lora_a", "lora_b"))  # noqa: E731
+    is_adapter = lambda path: str(path[-1]).strip("[]'\".").endswith(("lora_a", "lora_b"))
     trainable = {jax.tree_util.keystr(p): v for p, v in flat if is_adapter(p)}
     frozen = [v for p, v in flat if not is_adapter(p)]
     return trainable, frozen
@@ -79,7 +79,7 @@ def qwix_step(model, batch, rank: int, qtype: str | None, loss):
         return optax.apply_updates(trainable, updates), state, value
 
     args = (jax.tree.map(jnp.copy, trainable), params, tx.init(trainable), batch)
-    advance = lambda a, out: (out[0], a[1], out[1], a[3])  # noqa: E731
+    advance = lambda a, out: (out[0], a[1], out[1], a[3])
     step_, figures = c.compile_step(jax.jit(step, donate_argnums=(0, 2)), args, advance)
     figures["frozen_bytes"] = c.nbytes(frozen)
     return step_, figures
@@ -93,9 +93,12 @@ def qwix_rows(ctx: c.Context) -> dict:
     for kind, quantize in (("LoRA", None), ("QLoRA", quantized.QCFG)):
         got = finetune.lora(ctx, c.ALL_LINEAR, quantize, size=sizes[kind])
         name = f"lora_jax {kind}"
-        steps[name], figures[name] = got["step"], {**got["figures"], "frozen_bytes": got["frozen_bytes"]}
+        steps[name], figures[name] = (
+            got["step"],
+            {**got["figures"], "frozen_bytes": got["frozen_bytes"]},
+        )
     try:
-        import qwix  # noqa: F401
+        import qwix  # noqa: F401 - only probes that the optional peer is installed
     except ImportError as e:
         errors["qwix LoRA"] = errors["qwix QLoRA"] = f"qwix is not installed ({INSTALL}): {e}"
     else:
@@ -105,7 +108,7 @@ def qwix_rows(ctx: c.Context) -> dict:
             model, batch, _ = finetune.setup(ctx, sz)
             try:
                 steps[name], figures[name] = qwix_step(model, batch, sz.rank, qtype, c.loss_for(sz))
-            except Exception as e:  # noqa: BLE001 - a failing peer is a row, not a crash
+            except Exception as e:  # a failing peer is a row, not a crash
                 errors[name] = f"qwix failed: {type(e).__name__}: {e}"
     ctx.log(f"  timing {len(steps)} steps")
     times = c.time_steps(steps, ctx.runs)
@@ -117,8 +120,12 @@ def qwix_rows(ctx: c.Context) -> dict:
         kind = name.split()[1]
         ref = f"lora_jax {kind}"
         tokens = sizes[kind].tokens
-        r = {**figures[name], **times[name], "tokens_per_s": tokens / (times[name]["ms"] / 1e3),
-             "dtype": jnp.dtype(sizes[kind].model.dtype).name}
+        r = {
+            **figures[name],
+            **times[name],
+            "tokens_per_s": tokens / (times[name]["ms"] / 1e3),
+            "dtype": jnp.dtype(sizes[kind].model.dtype).name,
+        }
         r["time_vs_lora_jax"] = c.ratio(times[name]["ms"], times[ref]["ms"])
         r["memory_vs_lora_jax"] = c.ratio(r["peak_bytes"], figures[ref]["peak_bytes"])
         rows[name] = r
@@ -158,7 +165,7 @@ def nnx_rows(ctx: c.Context) -> dict:
     x = jax.random.normal(jax.random.key(0), (rows, width), dtype)
     y = jax.random.normal(jax.random.key(1), (rows, width), dtype)
     batch = (x, y)
-    mse = lambda out, y: jnp.mean(jnp.square(out.astype(jnp.float32) - y.astype(jnp.float32)))  # noqa: E731
+    mse = lambda out, y: jnp.mean(jnp.square(out.astype(jnp.float32) - y.astype(jnp.float32)))
     tx = optax.adamw(1e-4)
 
     # lora_jax: linen Dense layers wrapped by lj.LoRA, every layer adapted.
@@ -179,9 +186,19 @@ def nnx_rows(ctx: c.Context) -> dict:
     class NnxMLP(nnx.Module):
         def __init__(self, rngs):
             for i in range(layers):  # one attribute per layer: works across nnx versions
-                setattr(self, f"fc{i}", nnx.LoRALinear(
-                    width, width, lora_rank=sz.rank, lora_dtype=dtype, dtype=dtype,
-                    param_dtype=dtype, rngs=rngs))
+                setattr(
+                    self,
+                    f"fc{i}",
+                    nnx.LoRALinear(
+                        width,
+                        width,
+                        lora_rank=sz.rank,
+                        lora_dtype=dtype,
+                        dtype=dtype,
+                        param_dtype=dtype,
+                        rngs=rngs,
+                    ),
+                )
 
         def __call__(self, x):
             for i in range(layers):
@@ -211,8 +228,11 @@ def nnx_rows(ctx: c.Context) -> dict:
         r["time_vs_lora_jax"] = c.ratio(r["ms"], times["lora_jax"]["ms"])
         r["memory_vs_lora_jax"] = c.ratio(r["peak_bytes"], figures["lora_jax"]["peak_bytes"])
         out[name] = r
-    return {"shape": f"{layers} x Dense({width}, {width}) + bias, {rows} rows, rank {sz.rank}, "
-                     f"{jnp.dtype(dtype).name}", "rows": out}
+    return {
+        "shape": f"{layers} x Dense({width}, {width}) + bias, {rows} rows, rank {sz.rank}, "
+        f"{jnp.dtype(dtype).name}",
+        "rows": out,
+    }
 
 
 # --------------------------------------------------------------------------- PEFT
@@ -223,18 +243,36 @@ def peft_row(ctx: c.Context, lora_ms: float | None, targets=c.ALL_LINEAR) -> dic
     sz = ctx.size
     m = sz.model
     spec = {
-        "vocab_size": m.vocab_size, "hidden_size": m.hidden_size,
-        "intermediate_size": m.intermediate_size, "num_layers": m.num_layers,
-        "num_heads": m.num_heads, "num_kv_heads": m.num_kv_heads, "head_dim": m.head_dim,
-        "rope_theta": m.rope_theta, "rms_norm_eps": m.rms_norm_eps,
-        "tie_embeddings": m.tie_embeddings, "max_seq_len": max(m.max_seq_len, sz.seq),
-        "dtype": jnp.dtype(m.dtype).name, "batch": sz.batch, "seq": sz.seq, "rank": sz.rank,
-        "targets": list(targets), "runs": max(ctx.runs, c.MIN_RUNS),
+        "vocab_size": m.vocab_size,
+        "hidden_size": m.hidden_size,
+        "intermediate_size": m.intermediate_size,
+        "num_layers": m.num_layers,
+        "num_heads": m.num_heads,
+        "num_kv_heads": m.num_kv_heads,
+        "head_dim": m.head_dim,
+        "rope_theta": m.rope_theta,
+        "rms_norm_eps": m.rms_norm_eps,
+        "tie_embeddings": m.tie_embeddings,
+        "max_seq_len": max(m.max_seq_len, sz.seq),
+        "dtype": jnp.dtype(m.dtype).name,
+        "batch": sz.batch,
+        "seq": sz.seq,
+        "rank": sz.rank,
+        "targets": list(targets),
+        "runs": max(ctx.runs, c.MIN_RUNS),
         "chunked_loss": sz.chunked_loss,
     }
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "peft.json")
-        cmd = [sys.executable, "-m", "benchmarks.torch_peft", "--spec", json.dumps(spec), "--json", out]
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.torch_peft",
+            "--spec",
+            json.dumps(spec),
+            "--json",
+            out,
+        ]
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         try:
             proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=1800)
@@ -275,7 +313,7 @@ def run(ctx: c.Context, *, peft: bool | None = None) -> dict:
     ctx.log("  nnx.LoRALinear MLP")
     try:
         result["nnx"] = nnx_rows(ctx)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         result["nnx"] = {"rows": {"nnx": _skip(f"nnx failed: {type(e).__name__}: {e}")}}
     return result
 

@@ -28,7 +28,9 @@ BITS_THEORY = 4 + 8 / 64 + 32 / (64 * 256)
 def bf16(sz: c.Size) -> c.Size:
     """The size with a bfloat16 model (compute and storage); `Size` sets its
     `LlamaConfig.attention` again for bf16 (cuDNN's fused kernel with `--attention cudnn`)."""
-    model = dataclasses.replace(sz.model, dtype=jnp.dtype(jnp.bfloat16), param_dtype=jnp.dtype(jnp.bfloat16))
+    model = dataclasses.replace(
+        sz.model, dtype=jnp.dtype(jnp.bfloat16), param_dtype=jnp.dtype(jnp.bfloat16)
+    )
     return dataclasses.replace(sz, model=model)
 
 
@@ -42,8 +44,11 @@ def run(ctx: c.Context) -> dict:
         got = finetune.lora(ctx, c.ALL_LINEAR, quantize, size=sz)
         steps[name], rows[name] = got["step"], dict(got["figures"])
         frozen = lj.partition(got["params"])[1]["params"]
-        qts = [v for v in jax.tree.leaves(frozen, is_leaf=lj.quant.is_quantized)
-               if lj.quant.is_quantized(v)]
+        qts = [
+            v
+            for v in jax.tree.leaves(frozen, is_leaf=lj.quant.is_quantized)
+            if lj.quant.is_quantized(v)
+        ]
         rows[name]["frozen_bytes"] = got["frozen_bytes"]
         rows[name]["bits_per_quantized_weight"] = (
             8 * sum(q.nbytes for q in qts) / sum(q.size for q in qts) if qts else 16.0

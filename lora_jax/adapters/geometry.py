@@ -117,7 +117,7 @@ class Geometry:
     @property
     def b_shape(self) -> Shape:
         """(batch..., rank, out...)."""
-        return self.batch_shape + (self.rank,) + self.out_shape
+        return (*self.batch_shape, self.rank, *self.out_shape)
 
     def stacked(self, stored_shape: Sequence[int]) -> int:
         """How many leading axes the stored parameter has that its layer never sees
@@ -150,7 +150,7 @@ class Geometry:
         axes = tuple(kernel_axes) + (None,) * (ndim - len(tuple(kernel_axes)))
         lead = ndim - len(self.shape) + self.n_batch  # stacked + batch
         cut = lead + self.n_in
-        return {"a": axes[:cut] + (None,), "b": axes[:lead] + (None,) + axes[cut:]}
+        return {"a": (*axes[:cut], None), "b": (*axes[:lead], None, *axes[cut:])}
 
     # ---------------------------------------------------------------- values
 
@@ -161,7 +161,7 @@ class Geometry:
         """
         lead = a.ndim - len(self.a_shape)
         letters = iter(string.ascii_letters)
-        take = lambda n: "".join(next(letters) for _ in range(n))  # noqa: E731
+        take = lambda n: "".join(next(letters) for _ in range(n))
         batch, ins, outs, r = take(lead + self.n_batch), take(self.n_in), take(self.n_out), take(1)
         f32 = jnp.float32
         delta = jnp.einsum(
@@ -169,7 +169,9 @@ class Geometry:
         )
         return delta * jnp.asarray(scale, f32)
 
-    def problems(self, path: str, stored: Sequence[int], leaves: dict[str, Sequence[int]]) -> list[str]:
+    def problems(
+        self, path: str, stored: Sequence[int], leaves: dict[str, Sequence[int]]
+    ) -> list[str]:
         """What keeps stored leaves from fitting this geometry (empty when they fit).
 
         Args:

@@ -29,15 +29,26 @@ class Lora:
         return geometry.leaf_axes(kernel_axes, ndim)
 
     def init(
-        self, leaf: str, key: Array, geometry: Geometry, rule: Any, init: str, dtype: Any,
+        self,
+        leaf: str,
+        key: Array,
+        geometry: Geometry,
+        rule: Any,
+        init: str,
+        dtype: Any,
         kernel: Array,
     ) -> Array:
         shape = self.leaves(geometry)[leaf]
         return rule.init(leaf, init, key, shape, dtype, geometry.fan_in)
 
     def forward(
-        self, rule: Any, call: Call, leaves: Mapping[str, Array], scale: float,
-        dropout: Dropout, dtype: Any,
+        self,
+        rule: Any,
+        call: Call,
+        leaves: Mapping[str, Array],
+        scale: float,
+        dropout: Dropout,
+        dtype: Any,
     ) -> Array:
         # The delta is linear in B: scaling B (rank x out) costs far less than scaling the
         # (tokens x out) delta (measured: 9% fewer bytes accessed per all-linear train step).
@@ -45,9 +56,7 @@ class Lora:
         a = leaves["a"].astype(dtype)
         return rule.delta(call.module, call.method, call.args, call.kwargs, a, b, dropout)
 
-    def delta_weight(
-        self, geometry: Geometry, leaves: Mapping[str, Array], scale: float
-    ) -> Array:
+    def delta_weight(self, geometry: Geometry, leaves: Mapping[str, Array], scale: float) -> Array:
         return geometry.delta(leaves["a"], leaves["b"], scale)
 
 

@@ -47,7 +47,13 @@ class Variant(Protocol):
         ...
 
     def init(
-        self, leaf: str, key: Array, geometry: Geometry, rule: Any, init: str, dtype: Any,
+        self,
+        leaf: str,
+        key: Array,
+        geometry: Geometry,
+        rule: Any,
+        init: str,
+        dtype: Any,
         kernel: Array,
     ) -> Array:
         """The initial value of one leaf. `init` is `LoraConfig.init`; `kernel` the adapted
@@ -55,15 +61,18 @@ class Variant(Protocol):
         ...
 
     def forward(
-        self, rule: Any, call: Call, leaves: Mapping[str, Array], scale: float,
-        dropout: Dropout, dtype: Any,
+        self,
+        rule: Any,
+        call: Call,
+        leaves: Mapping[str, Array],
+        scale: float,
+        dropout: Dropout,
+        dtype: Any,
     ) -> Array:
         """What the adapter adds to the method's output, in `dtype`."""
         ...
 
-    def delta_weight(
-        self, geometry: Geometry, leaves: Mapping[str, Array], scale: float
-    ) -> Array:
+    def delta_weight(self, geometry: Geometry, leaves: Mapping[str, Array], scale: float) -> Array:
         """What the adapter adds to the parameter when merged, as a dense float32 array (with
         the leaves' leading stacked axes, if any)."""
         ...

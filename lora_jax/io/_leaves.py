@@ -69,7 +69,10 @@ def trainable_problems(flat: Mapping[str, Any], config: LoraConfig) -> list[str]
                     f"Leaf '{path}' has rank {jnp.shape(v)[-1]} but the config gives "
                     f"'{module}' rank {rank}."
                 )
-        elif not (path.startswith(_paths.PARAMS + "/") and config.is_trainable_extra(_paths.to_param(path))):
+        elif not (
+            path.startswith(_paths.PARAMS + "/")
+            and config.is_trainable_extra(_paths.to_param(path))
+        ):
             out.append(
                 f"Leaf '{path}' is frozen: neither an adapter nor a LoraConfig.trainable "
                 f"extra {config.trainable!r}."

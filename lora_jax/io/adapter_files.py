@@ -92,7 +92,8 @@ def save_adapter(directory: PathLike, params: Mapping, config: LoraConfig) -> Pa
     trainable, frozen = partition(values)
     tensors = _trees.flat(trainable)
     _trees.raise_problems(
-        "params' trainable half does not fit the LoraConfig", _leaves.trainable_problems(tensors, config)
+        "params' trainable half does not fit the LoraConfig",
+        _leaves.trainable_problems(tensors, config),
     )
     if not plan.adapters:
         raise ValueError("params holds no adapter: nothing to save.")
@@ -192,10 +193,12 @@ def load_adapter(directory: PathLike, base_params: Mapping) -> tuple[dict, LoraC
 
 def _record_problems(plan: Plan, config: LoraConfig) -> list[str]:
     out = []
-    for (param, name), record in sorted(plan.adapters.items()):
+    for (param, _name), record in sorted(plan.adapters.items()):
         module = _paths.split(_paths.to_param(param))[0]
         if not config.is_target(module):
-            out.append(f"'{_paths.to_param(param)}' has an adapter but the config does not target it.")
+            out.append(
+                f"'{_paths.to_param(param)}' has an adapter but the config does not target it."
+            )
         elif (record.rank, record.scale) != (config.rank_for(module), config.scale_for(module)):
             out.append(
                 f"'{_paths.to_param(param)}' has rank {record.rank} and scale {record.scale} but "
@@ -227,7 +230,9 @@ def _plan_v2(description: Mapping, config: LoraConfig, where: str) -> Plan:
         record = Adapter.from_json(entry, scale=config.scale_for(module))
         adapters[_paths.to_variables(param), name] = record
     extras = frozenset(_paths.to_variables(p) for p in description.get("extras", []))
-    _trees.raise_problems(f"{where} does not agree with its own config (was the JSON edited?)", problems)
+    _trees.raise_problems(
+        f"{where} does not agree with its own config (was the JSON edited?)", problems
+    )
     return Plan(adapters, extras, {})
 
 
@@ -276,7 +281,9 @@ def _check_tensors(
             f"the file holds tensor '{name}', which is neither an adapter leaf that the config "
             "targets nor a LoraConfig.trainable extra: it is not loaded over the base."
         )
-    problems += [f"tensor '{k}' is missing from the file." for k in sorted(expected) if k not in tensors]
+    problems += [
+        f"tensor '{k}' is missing from the file." for k in sorted(expected) if k not in tensors
+    ]
     for (param, name), record in sorted(plan.adapters.items()):
         if param not in flat:
             problems.append(f"the adapted parameter '{param}' is not in base_params.")
@@ -342,7 +349,9 @@ def _probes(flat: Mapping[str, Any], plan: Plan) -> dict:
             grid = np.array([[m, r, c] for r in rows for c in cols])
             w0 = _gather(w, grid)
             delta = np.asarray(record.scale * (a[m][rows] @ b[m][:, cols]), np.float64).reshape(-1)
-            w1 = np.asarray(jnp.asarray(w0 + delta, jnp.float32).astype(dtype).astype(jnp.float32), np.float64)
+            w1 = np.asarray(
+                jnp.asarray(w0 + delta, jnp.float32).astype(dtype).astype(jnp.float32), np.float64
+            )
             keep = w1 != w0
             index += grid[keep].tolist()
             before += w0[keep].tolist()

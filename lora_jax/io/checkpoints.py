@@ -21,9 +21,9 @@ import os
 import sys
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -196,7 +196,9 @@ class CheckpointManager:
             "rng": _encode_rng(rng),
             "data_state": _json_data(data_state),
             "config": None if config is None else config_to_dict(config),
-            "leaves": {k: {**_leaves.spec(v), "crc32": _leaves.crc32(v)} for k, v in leaves.items()},
+            "leaves": {
+                k: {**_leaves.spec(v), "crc32": _leaves.crc32(v)} for k, v in leaves.items()
+            },
         }
         state = {"trainable": trainable, "opt_state": opt_state}
         self._mgr.save(
@@ -340,7 +342,14 @@ class CheckpointManager:
             raise self._damaged(step, f"its '{_META}' item is not a lora_jax train state")
         return dict(saved)
 
-    def _check_fits(self, step, saved, trainable_like, opt_state_like, config) -> None:
+    def _check_fits(
+        self,
+        step: int,
+        saved: Mapping[str, Any],
+        trainable_like: Any,
+        opt_state_like: Any,
+        config: LoraConfig | None,
+    ) -> None:
         """Raises naming every config field and leaf that differs (optimizer leaves only when
         the trainable leaves agree: otherwise they differ for the same reason)."""
         _check_trainable(trainable_like, None, "trainable_like")
@@ -361,7 +370,7 @@ class CheckpointManager:
             problems,
         )
 
-    def _verify(self, step, saved, restored) -> None:
+    def _verify(self, step: int, saved: Mapping[str, Any], restored: Mapping[str, Any]) -> None:
         leaves = {f"trainable/{k}": v for k, v in _leaves.leaves(restored["trainable"]).items()}
         leaves.update(
             {f"opt_state/{k}": v for k, v in _leaves.leaves(restored["opt_state"]).items()}
@@ -375,7 +384,7 @@ class CheckpointManager:
                 )
 
 
-def _encode_rng(rng) -> dict | None:
+def _encode_rng(rng: jax.Array | None) -> dict | None:
     if rng is None:
         return None
     typed = jnp.issubdtype(jnp.result_type(rng), jax.dtypes.prng_key)
@@ -386,7 +395,7 @@ def _encode_rng(rng) -> dict | None:
     return {"impl": impl, "data": data.tolist(), "shape": list(data.shape)}
 
 
-def _decode_rng(saved: dict | None):
+def _decode_rng(saved: dict | None) -> jax.Array | None:
     if saved is None:
         return None
     data = jnp.asarray(np.asarray(saved["data"], np.uint32).reshape(saved["shape"]))
@@ -401,11 +410,11 @@ def _json_data(value: Any) -> Any:
         raise TypeError(f"data_state must be JSON data (an int, or a small dict): {e}") from None
 
 
-def _not_json(o):
+def _not_json(o: Any) -> NoReturn:
     raise TypeError(f"{type(o).__name__} {o!r} is not JSON data")
 
 
-def _targets(trainable_like, opt_state_like, shardings) -> dict:
+def _targets(trainable_like: Any, opt_state_like: Any, shardings: Any) -> dict:
     """Abstract arrays (ShapeDtypeStruct with a sharding) for orbax to restore into."""
     if isinstance(shardings, Mapping):
         unknown = sorted(set(shardings) - {"trainable", "opt_state"})
@@ -419,7 +428,7 @@ def _targets(trainable_like, opt_state_like, shardings) -> dict:
     return {"trainable": trainable, "opt_state": opt_state}
 
 
-def _placed(like, spec, part: str, fallback):
+def _placed(like: Any, spec: Any, part: str, fallback: Callable[[str, Any], Any]) -> Any:
     """`like` as ShapeDtypeStructs placed by `spec`, else by `like`, else by `fallback`."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(like)
     if spec is None or isinstance(spec, jax.sharding.Sharding):

@@ -151,7 +151,11 @@ def _warn_rank(the_plan: Plan) -> None:
         warnings.warn(
             "LoraConfig: a rank above min(fan_in, fan_out) is never useful: "
             + "; ".join(notes[: _trees.MAX_LISTED])
-            + (f"; and {len(notes) - _trees.MAX_LISTED} more" if len(notes) > _trees.MAX_LISTED else "")
+            + (
+                f"; and {len(notes) - _trees.MAX_LISTED} more"
+                if len(notes) > _trees.MAX_LISTED
+                else ""
+            )
             + ". Lower LoraConfig.rank or set rank_pattern for these modules.",
             UserWarning,
             stacklevel=3,
@@ -189,7 +193,11 @@ def _check_fits(base: Mapping, abstract: Mapping, the_plan: Plan, args: tuple) -
         if not k.startswith(_paths.LORA + "/") and k not in new
     }
     found = {k: tuple(jnp.shape(_trees.unbox(v))) for k, v in _trees.flat(base).items()}
-    missing = [f"Leaf '{k}' is missing (the model expects shape {v})." for k, v in expected.items() if k not in found]
+    missing = [
+        f"Leaf '{k}' is missing (the model expects shape {v})."
+        for k, v in expected.items()
+        if k not in found
+    ]
     extra = [f"Leaf '{k}' is not a parameter of the model." for k in found if k not in expected]
     shapes = [
         f"Leaf '{k}' has shape {found[k]} but the model expects {expected[k]}."
@@ -245,6 +253,8 @@ def _quantize_base(variables: Mapping, the_plan: Plan, qcfg: QuantConfig | None)
                     "(pass the dense base_params)."
                 )
             continue
-        qt = quantize_array(value, qcfg, n_lead=n_lead, n_in=marker.n_in, path=_paths.to_param(path))
+        qt = quantize_array(
+            value, qcfg, n_lead=n_lead, n_in=marker.n_in, path=_paths.to_param(path)
+        )
         flat[path] = _trees.rebox(flat[path], qt)  # a sharding box keeps its logical names
     return _trees.unflat(flat)

@@ -74,9 +74,11 @@ class LoRA(nn.Module):
                 f"LoRA.model must be a flax.linen Module, got {type(self.model).__name__}."
             )
         if not isinstance(self.config, LoraConfig):
-            hint = " Build it with lora_jax.LoraConfig(**that_dict)." if isinstance(
-                self.config, Mapping
-            ) else ""
+            hint = (
+                " Build it with lora_jax.LoraConfig(**that_dict)."
+                if isinstance(self.config, Mapping)
+                else ""
+            )
             raise TypeError(
                 f"LoRA.config must be a lora_jax.LoraConfig, got {type(self.config).__name__}."
                 + hint
@@ -171,7 +173,12 @@ def _expected(cfg: LoraConfig, geometry_shape: tuple, split: Split, path: str) -
 
 
 def _adapter_record(
-    cfg: LoraConfig, rule: Rule, module: nn.Module, path: str, args: tuple, kwargs: dict,
+    cfg: LoraConfig,
+    rule: Rule,
+    module: nn.Module,
+    path: str,
+    args: tuple,
+    kwargs: dict,
     planning: bool,
 ) -> Adapter | None:
     """The layer's adapter record: made from the config when planning, else read from the
@@ -183,7 +190,9 @@ def _adapter_record(
     shape = tuple(jnp.shape(_trees.unbox(module.get_variable("params", rule.param))))
     split = rule.split(module, shape, args, kwargs)
     name = _paths.record_leaf(rule.param)
-    found = module.get_variable(_paths.LORA, name) if module.has_variable(_paths.LORA, name) else None
+    found = (
+        module.get_variable(_paths.LORA, name) if module.has_variable(_paths.LORA, name) else None
+    )
     if planning and found is None:
         expected = _expected(cfg, shape, split, path)
         if expected is not None:
@@ -246,9 +255,7 @@ def _check_record(
         )
 
 
-def _adapter_output(
-    cfg: LoraConfig, rule: Rule, record: Adapter, call: _Call, out: Array
-) -> Array:
+def _adapter_output(cfg: LoraConfig, rule: Rule, record: Adapter, call: _Call, out: Array) -> Array:
     module = call.module
     variant = variant_for(record.variant)
     kernel = module.get_variable("params", rule.param)
@@ -277,7 +284,9 @@ def _leaf(
     if module.has_variable("params", name):
         found = tuple(jnp.shape(_trees.unbox(module.get_variable("params", name))))
         if found != tuple(shape):
-            problems = geometry.problems(_paths.join(path, rule.param), geometry.shape, {leaf: found})
+            problems = geometry.problems(
+                _paths.join(path, rule.param), geometry.shape, {leaf: found}
+            )
             raise ValueError(
                 f"Leaf 'params/{_paths.join(path, name)}' does not fit its adapter: "
                 + " ".join(problems or [f"shape {found}, expected {shape}."])
@@ -352,7 +361,12 @@ def _quantizable(cfg: LoraConfig, rule: Rule | None, path: str) -> bool:
 
 
 def _plan_quantized(
-    cfg: LoraConfig, rule: Rule, module: nn.Module, path: str, args: tuple, kwargs: dict,
+    cfg: LoraConfig,
+    rule: Rule,
+    module: nn.Module,
+    path: str,
+    args: tuple,
+    kwargs: dict,
     trace: _Trace,
 ) -> None:
     """At init: marks the kernels that `cfg.quantize` selects, with their axis split."""

@@ -9,4 +9,11 @@ from lora_jax.models.llama import (
     unstack_layers,
 )
 
-__all__ = ["REMAT_POLICIES", "Llama", "LlamaConfig", "causal_lm_loss", "stack_layers", "unstack_layers"]
+__all__ = [
+    "REMAT_POLICIES",
+    "Llama",
+    "LlamaConfig",
+    "causal_lm_loss",
+    "stack_layers",
+    "unstack_layers",
+]

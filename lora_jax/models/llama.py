@@ -20,6 +20,7 @@ Options for scaling out (all off by default, so the parameter tree stays plain):
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -41,8 +42,12 @@ def _check(ok: bool, message: str) -> None:
 # The `jax.checkpoint_policies` that take no arguments, by name: what `LlamaConfig.remat` accepts
 # besides a bool.
 REMAT_POLICIES = (
-    "nothing_saveable", "everything_saveable", "dots_saveable", "checkpoint_dots",
-    "dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims",
+    "nothing_saveable",
+    "everything_saveable",
+    "dots_saveable",
+    "checkpoint_dots",
+    "dots_with_no_batch_dims_saveable",
+    "checkpoint_dots_with_no_batch_dims",
 )
 
 
@@ -92,25 +97,39 @@ class LlamaConfig:
     remat: bool | str = False
     attention: str | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         number = lambda v, t: isinstance(v, t) and not isinstance(v, bool) and v > 0
-        sizes = ["vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                 "num_kv_heads", "max_seq_len"] + ["head_dim"] * (self.head_dim is not None)
+        sizes = [
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "max_seq_len",
+        ] + ["head_dim"] * (self.head_dim is not None)
         for name in sizes:
             v = getattr(self, name)
             _check(number(v, int), f"LlamaConfig.{name} must be a positive int, got {v!r}.")
-        _check(self.num_heads % self.num_kv_heads == 0, "LlamaConfig.num_kv_heads must divide "
-               f"num_heads ({self.num_heads}), got {self.num_kv_heads}.")
+        _check(
+            self.num_heads % self.num_kv_heads == 0,
+            "LlamaConfig.num_kv_heads must divide "
+            f"num_heads ({self.num_heads}), got {self.num_kv_heads}.",
+        )
         if self.head_dim is None:
-            _check(self.hidden_size % self.num_heads == 0, "LlamaConfig.hidden_size "
-                   f"({self.hidden_size}) must be divisible by num_heads ({self.num_heads}) "
-                   "unless head_dim is given.")
+            _check(
+                self.hidden_size % self.num_heads == 0,
+                "LlamaConfig.hidden_size "
+                f"({self.hidden_size}) must be divisible by num_heads ({self.num_heads}) "
+                "unless head_dim is given.",
+            )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         _check(self.head_dim % 2 == 0, f"LlamaConfig.head_dim must be even, got {self.head_dim}.")
         for name in ("rope_theta", "rms_norm_eps"):
             v = getattr(self, name)
-            _check(number(v, (int, float)),
-                   f"LlamaConfig.{name} must be a positive number, got {v!r}.")
+            _check(
+                number(v, (int, float)), f"LlamaConfig.{name} must be a positive number, got {v!r}."
+            )
         for name in ("dtype", "param_dtype"):
             v = getattr(self, name)
             try:
@@ -122,39 +141,96 @@ class LlamaConfig:
         for name in ("logical_axes", "scan_layers"):
             v = getattr(self, name)
             _check(isinstance(v, bool), f"LlamaConfig.{name} must be a bool, got {v!r}.")
-        _check(isinstance(self.remat, bool) or self.remat in REMAT_POLICIES,
-               "LlamaConfig.remat must be a bool or the name of a jax.checkpoint_policies policy "
-               f"({', '.join(REMAT_POLICIES)}), got {self.remat!r}.")
-        _check(self.attention in (None, "xla", "cudnn"), "LlamaConfig.attention must be None, "
-               f"'xla' or 'cudnn', got {self.attention!r}.")
+        _check(
+            isinstance(self.remat, bool) or self.remat in REMAT_POLICIES,
+            "LlamaConfig.remat must be a bool or the name of a jax.checkpoint_policies policy "
+            f"({', '.join(REMAT_POLICIES)}), got {self.remat!r}.",
+        )
+        _check(
+            self.attention in (None, "xla", "cudnn"),
+            f"LlamaConfig.attention must be None, 'xla' or 'cudnn', got {self.attention!r}.",
+        )
 
     @classmethod
     def tiny(cls, **overrides: Any) -> LlamaConfig:
         """About 0.13M parameters: unit tests."""
-        return cls(**{**dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
-                             num_heads=4, num_kv_heads=2, max_seq_len=128), **overrides})
+        return cls(
+            **{
+                **dict(
+                    vocab_size=256,
+                    hidden_size=64,
+                    intermediate_size=128,
+                    num_layers=2,
+                    num_heads=4,
+                    num_kv_heads=2,
+                    max_seq_len=128,
+                ),
+                **overrides,
+            }
+        )
 
     @classmethod
     def small(cls, **overrides: Any) -> LlamaConfig:
         """About 3.2M parameters (vocab 512): trains in minutes on a 2-core CPU."""
-        return cls(**{**dict(vocab_size=512, hidden_size=256, intermediate_size=704, num_layers=4,
-                             num_heads=8, num_kv_heads=4, max_seq_len=256), **overrides})
+        return cls(
+            **{
+                **dict(
+                    vocab_size=512,
+                    hidden_size=256,
+                    intermediate_size=704,
+                    num_layers=4,
+                    num_heads=8,
+                    num_kv_heads=4,
+                    max_seq_len=256,
+                ),
+                **overrides,
+            }
+        )
 
     @classmethod
     def llama_1b(cls, **overrides: Any) -> LlamaConfig:
         """Llama-3.2-1B shapes (1,235,814,400 parameters), bfloat16."""
-        return cls(**{**dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
-                             num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
-                             rope_theta=500000.0, tie_embeddings=True, max_seq_len=8192,
-                             dtype=jnp.bfloat16, param_dtype=jnp.bfloat16), **overrides})
+        return cls(
+            **{
+                **dict(
+                    vocab_size=128256,
+                    hidden_size=2048,
+                    intermediate_size=8192,
+                    num_layers=16,
+                    num_heads=32,
+                    num_kv_heads=8,
+                    head_dim=64,
+                    rope_theta=500000.0,
+                    tie_embeddings=True,
+                    max_seq_len=8192,
+                    dtype=jnp.bfloat16,
+                    param_dtype=jnp.bfloat16,
+                ),
+                **overrides,
+            }
+        )
 
     @classmethod
     def llama3_8b(cls, **overrides: Any) -> LlamaConfig:
         """Llama-3-8B shapes (8,030,261,248 parameters), bfloat16."""
-        return cls(**{**dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                             num_layers=32, num_heads=32, num_kv_heads=8, rope_theta=500000.0,
-                             tie_embeddings=False, max_seq_len=8192, dtype=jnp.bfloat16,
-                             param_dtype=jnp.bfloat16), **overrides})
+        return cls(
+            **{
+                **dict(
+                    vocab_size=128256,
+                    hidden_size=4096,
+                    intermediate_size=14336,
+                    num_layers=32,
+                    num_heads=32,
+                    num_kv_heads=8,
+                    rope_theta=500000.0,
+                    tie_embeddings=False,
+                    max_seq_len=8192,
+                    dtype=jnp.bfloat16,
+                    param_dtype=jnp.bfloat16,
+                ),
+                **overrides,
+            }
+        )
 
     def num_params(self) -> int:
         """Returns the exact number of parameters of `Llama(self)`."""
@@ -202,15 +278,23 @@ def rope(x: Array, positions: Array, theta: float) -> Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def _annotated(logical_axes: bool, init, names: tuple[str, ...]):
+def _annotated(
+    logical_axes: bool, init: Callable[..., Any], names: tuple[str, ...]
+) -> Callable[..., Any]:
     """`init`, boxed with logical axis names when `logical_axes` is on."""
     return nn.with_logical_partitioning(init, names) if logical_axes else init
 
 
 def _dense(cfg: LlamaConfig, features: int, name: str, axes: tuple[str, str]) -> nn.Dense:
     init = _annotated(cfg.logical_axes, nn.initializers.normal(0.02), axes)
-    return nn.Dense(features, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                    kernel_init=init, name=name)
+    return nn.Dense(
+        features,
+        use_bias=False,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        kernel_init=init,
+        name=name,
+    )
 
 
 def _norm(cfg: LlamaConfig, name: str) -> RMSNorm:
@@ -236,8 +320,9 @@ class LlamaAttention(nn.Module):
         """
         cfg = self.cfg
         b, s, _ = x.shape
-        heads = lambda name, n, axis: (
-            _dense(cfg, n * cfg.head_dim, name, ("embed", axis))(x).reshape(b, s, n, -1))
+        heads = lambda name, n, axis: _dense(cfg, n * cfg.head_dim, name, ("embed", axis))(
+            x
+        ).reshape(b, s, n, -1)
         q = rope(heads("q_proj", cfg.num_heads, "heads"), positions, cfg.rope_theta)
         k = rope(heads("k_proj", cfg.num_kv_heads, "kv_heads"), positions, cfg.rope_theta)
         v = heads("v_proj", cfg.num_kv_heads, "kv_heads")
@@ -287,8 +372,9 @@ class Llama(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, input_ids: Array, positions: Array | None = None,
-                 attention_mask: Array | None = None) -> Array:
+    def __call__(
+        self, input_ids: Array, positions: Array | None = None, attention_mask: Array | None = None
+    ) -> Array:
         """Computes next-token logits.
 
         Args:
@@ -302,22 +388,34 @@ class Llama(nn.Module):
           Logits, (batch, seq, vocab_size), float32.
         """
         cfg = self.cfg
-        _check(input_ids.ndim == 2 and input_ids.shape[1] <= cfg.max_seq_len, "Llama: input_ids "
-               f"must be (batch, seq) with seq <= max_seq_len ({cfg.max_seq_len}), got shape "
-               f"{input_ids.shape}.")
+        _check(
+            input_ids.ndim == 2 and input_ids.shape[1] <= cfg.max_seq_len,
+            "Llama: input_ids "
+            f"must be (batch, seq) with seq <= max_seq_len ({cfg.max_seq_len}), got shape "
+            f"{input_ids.shape}.",
+        )
         b, s = input_ids.shape
         positions = jnp.arange(s) if positions is None else jnp.asarray(positions)
-        _check(positions.shape in ((s,), (b, s)),
-               f"Llama: positions must be ({s},) or ({b}, {s}), got shape {positions.shape}.")
+        _check(
+            positions.shape in ((s,), (b, s)),
+            f"Llama: positions must be ({s},) or ({b}, {s}), got shape {positions.shape}.",
+        )
         keep = None
         if attention_mask is not None:
             keep = jnp.asarray(attention_mask).astype(bool)
-            _check(keep.shape == (b, s),
-                   f"Llama: attention_mask must be ({b}, {s}), got shape {keep.shape}.")
+            _check(
+                keep.shape == (b, s),
+                f"Llama: attention_mask must be ({b}, {s}), got shape {keep.shape}.",
+            )
         embed_init = _annotated(cfg.logical_axes, nn.initializers.normal(0.02), ("vocab", "embed"))
-        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
-                         param_dtype=cfg.param_dtype, embedding_init=embed_init,
-                         name="embed_tokens")
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            embedding_init=embed_init,
+            name="embed_tokens",
+        )
         x, positions = embed(input_ids), jnp.broadcast_to(positions, (b, s))
         block = LlamaBlock
         if cfg.remat:
@@ -337,17 +435,24 @@ class Llama(nn.Module):
 LAYERS = "layers"  # the blocks' name: "layers_<i>" unrolled, "layers" stacked by scan_layers
 
 
-def _scan_body(block: LlamaBlock, x: Array, positions: Array, keep: Array | None):
+def _scan_body(
+    block: LlamaBlock, x: Array, positions: Array, keep: Array | None
+) -> tuple[Array, None]:
     return block(x, positions, keep), None
 
 
-def _scan(cfg: LlamaConfig):
+def _scan(cfg: LlamaConfig) -> Callable[..., tuple[Array, None]]:
     """`nn.scan` over the blocks: "params" stacked on axis 0 (logical name "layers"), every other
     variable collection broadcast (one shared value for all layers), rngs split per layer."""
-    return nn.scan(_scan_body, variable_axes={"params": 0}, variable_broadcast=DenyList("params"),
-                   split_rngs={"params": True, "dropout": True},
-                   in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
-                   metadata_params={nn.PARTITION_NAME: LAYERS})
+    return nn.scan(
+        _scan_body,
+        variable_axes={"params": 0},
+        variable_broadcast=DenyList("params"),
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast, nn.broadcast),
+        length=cfg.num_layers,
+        metadata_params={nn.PARTITION_NAME: LAYERS},
+    )
 
 
 def stack_layers(variables: dict) -> dict:
@@ -389,28 +494,35 @@ def unstack_layers(variables: dict) -> dict:
             stacked = tree.pop(LAYERS)
             n = _num_stacked(stacked) if collection == "params" else None
             if collection == "params":
-                tree |= {f"{LAYERS}_{i}": jax.tree.map(lambda v, i=i: _take(v, i), stacked,
-                                                       is_leaf=_is_box) for i in range(n)}
+                tree |= {
+                    f"{LAYERS}_{i}": jax.tree.map(
+                        lambda v, i=i: _take(v, i), stacked, is_leaf=_is_box
+                    )
+                    for i in range(n)
+                }
             else:
                 tree |= {f"{LAYERS}_{i}": stacked for i in range(_count(variables, bare))}
         out[collection] = tree
     return out["params"] if bare else out
 
 
-def _is_bare(variables) -> bool:
+def _is_bare(variables: dict) -> bool:
     return not ("params" in variables and isinstance(variables["params"], dict))
 
 
-def _is_box(v) -> bool:
+def _is_box(v: Any) -> bool:
     return isinstance(v, meta.AxisMetadata)
 
 
 def _layer_keys(collection: str, tree: dict) -> list[str]:
     keys = [k for k in tree if k.startswith(f"{LAYERS}_")]
-    suffixes = [k[len(LAYERS) + 1:] for k in keys]
+    suffixes = [k[len(LAYERS) + 1 :] for k in keys]
     numbers = sorted(int(n) for n in suffixes if n.isdigit())
-    _check(numbers == list(range(len(keys))), f"stack_layers: '{collection}' has blocks "
-           f"{sorted(keys)}; expected {LAYERS}_0 .. {LAYERS}_<n-1>.")
+    _check(
+        numbers == list(range(len(keys))),
+        f"stack_layers: '{collection}' has blocks "
+        f"{sorted(keys)}; expected {LAYERS}_0 .. {LAYERS}_<n-1>.",
+    )
     return [f"{LAYERS}_{i}" for i in numbers]
 
 
@@ -420,9 +532,12 @@ def _stack_collection(collection: str, tree: dict) -> dict:
         return dict(tree)
     flats = [traverse_util.flatten_dict(tree[k], sep="/") for k in keys]
     for k, flat in zip(keys[1:], flats[1:], strict=True):
-        _check(set(flat) == set(flats[0]), f"stack_layers: '{collection}/{k}' has leaves "
-               f"{sorted(set(flat) ^ set(flats[0]))} that '{collection}/{keys[0]}' does not "
-               "share (or the reverse).")
+        _check(
+            set(flat) == set(flats[0]),
+            f"stack_layers: '{collection}/{k}' has leaves "
+            f"{sorted(set(flat) ^ set(flats[0]))} that '{collection}/{keys[0]}' does not "
+            "share (or the reverse).",
+        )
     stacked = {}
     for path in flats[0]:
         values = [flat[path] for flat in flats]
@@ -430,21 +545,24 @@ def _stack_collection(collection: str, tree: dict) -> dict:
             stacked[path] = _stack(values)
         else:
             same = all(np.array_equal(meta.unbox(v), meta.unbox(values[0])) for v in values)
-            _check(same, f"stack_layers: '{collection}/{LAYERS}_<i>/{path}' differs between "
-                   "layers, but the scan shares one value of it across all layers.")
+            _check(
+                same,
+                f"stack_layers: '{collection}/{LAYERS}_<i>/{path}' differs between "
+                "layers, but the scan shares one value of it across all layers.",
+            )
             stacked[path] = values[0]
     rest = {k: v for k, v in tree.items() if k not in keys}
     return rest | {LAYERS: traverse_util.unflatten_dict(stacked, sep="/")}
 
 
-def _stack(values: list):
+def _stack(values: list) -> Array | meta.AxisMetadata:
     if not _is_box(values[0]):
         return jnp.stack(values)
     box = values[0].replace_boxed(jnp.stack([meta.unbox(v) for v in values]))
     return box.add_axis(0, {nn.PARTITION_NAME: LAYERS})
 
 
-def _take(v, i: int):
+def _take(v: Any, i: int) -> Any:
     if not _is_box(v):
         return v[i]
     return v.replace_boxed(meta.unbox(v)[i]).remove_axis(0, {nn.PARTITION_NAME: LAYERS})
@@ -474,9 +592,11 @@ def causal_lm_loss(logits: Array, targets: Array, mask: Array | None = None) -> 
       The weighted mean, a float32 scalar.
     """
     mask_shape = None if mask is None else jnp.shape(mask)
-    _check(logits.shape[:-1] == targets.shape and mask_shape in (None, targets.shape),
-           "causal_lm_loss: expected logits (batch, seq, vocab), targets and mask (batch, seq); "
-           f"got {logits.shape}, {targets.shape} and {mask_shape}.")
+    _check(
+        logits.shape[:-1] == targets.shape and mask_shape in (None, targets.shape),
+        "causal_lm_loss: expected logits (batch, seq, vocab), targets and mask (batch, seq); "
+        f"got {logits.shape}, {targets.shape} and {mask_shape}.",
+    )
     losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     if mask is None:
         return jnp.mean(losses)

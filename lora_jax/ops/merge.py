@@ -66,7 +66,9 @@ def merge(params: Tree, *, requantize: bool = False) -> Any:
     if not (quantized or present or plan.adapters or _paths.LORA in params):
         return (params, RequantizeReport({})) if requantize else params
     by_param = _check(flat, plan, present)
-    out = {k: v for k, v in flat.items() if k not in present and not k.startswith(_paths.LORA + "/")}
+    out = {
+        k: v for k, v in flat.items() if k not in present and not k.startswith(_paths.LORA + "/")
+    }
     errors = {}
     for param, adapters in by_param.items():
         leaves = [

@@ -211,9 +211,9 @@ def _quantize(
 ) -> tuple[Array, ...]:
     lead, in_shape = w.shape[:n_lead], w.shape[n_lead : n_lead + n_in]
     k, n = math.prod(in_shape), math.prod(w.shape[n_lead + n_in :])
-    w = w.astype(jnp.float32).reshape(lead + (k, n))
+    w = w.astype(jnp.float32).reshape((*lead, k, n))
     w = jnp.pad(w, [(0, 0)] * n_lead + [(0, -k % block), (0, 0)])
-    blocks = w.reshape(lead + (-1, block, n))
+    blocks = w.reshape((*lead, -1, block, n))
     absmax = jnp.max(jnp.abs(blocks), axis=-2)  # (lead..., blocks, N)
     if double:
         scale_codes, scale_range = _double_quantize(absmax)
@@ -224,7 +224,7 @@ def _quantize(
     codes = _encode(normed, TABLES[fmt])
     half = block // 2
     packed = codes[..., :half, :] | (codes[..., half:, :] << 4)
-    packed = packed.reshape(lead + (-1, n))
+    packed = packed.reshape((*lead, -1, n))
     if not double:
         return packed, absmax, None, None
     return packed, None, scale_codes, scale_range
@@ -233,9 +233,9 @@ def _quantize(
 def _double_quantize(absmax: Array) -> tuple[Array, Array]:
     """8-bit log2 codes of the scales in groups of 256, and each group's log2 range."""
     lead = absmax.shape[:-2]
-    flat = absmax.reshape(lead + (-1,))
+    flat = absmax.reshape((*lead, -1))
     flat = jnp.pad(flat, [(0, 0)] * len(lead) + [(0, -flat.shape[-1] % DQ_BLOCK)])
-    groups = flat.reshape(lead + (-1, DQ_BLOCK))
+    groups = flat.reshape((*lead, -1, DQ_BLOCK))
     usable = jnp.isfinite(groups) & (groups > 0)
     logs = jnp.where(usable, jnp.log2(jnp.where(usable, groups, 1.0)), jnp.nan)
     median = jnp.nanmedian(logs, axis=-1, keepdims=True)
@@ -256,7 +256,7 @@ def _double_dequantize(codes: Array, ranges: Array, shape: tuple[int, ...]) -> A
     scales = jnp.where(codes == _ZERO, 0.0, jnp.where(codes == _NONFINITE, jnp.nan, scales))
     lead = shape[:-2]
     count = math.prod(shape[-2:])
-    return scales.reshape(lead + (-1,))[..., :count].reshape(shape)
+    return scales.reshape((*lead, -1))[..., :count].reshape(shape)
 
 
 def quantize_array(
@@ -325,7 +325,7 @@ def block_scales(qt: QuantizedTensor) -> Array:
     if qt.scales is not None:
         return qt.scales
     nblocks = qt.codes.shape[-2] * 2 // qt.block_size
-    return _double_dequantize(qt.scale_codes, qt.scale_range, qt.lead_shape + (nblocks, qt.n))
+    return _double_dequantize(qt.scale_codes, qt.scale_range, (*qt.lead_shape, nblocks, qt.n))
 
 
 def unpack(codes: Array, block_size: int) -> Array:
@@ -344,9 +344,9 @@ def dequantize_matrix(
     table = TABLES[qt.fmt] if table is None else table
     values = _decode(unpack(qt.codes, qt.block_size), table)
     lead = qt.lead_shape
-    values = values.reshape(lead + (-1, qt.block_size, qt.n))
+    values = values.reshape((*lead, -1, qt.block_size, qt.n))
     w = values * block_scales(qt)[..., None, :]
-    w = w.reshape(lead + (-1, qt.n))[..., : qt.k, :]
+    w = w.reshape((*lead, -1, qt.n))[..., : qt.k, :]
     return w.astype(qt.dtype if dtype is None else dtype)
 
 

@@ -45,7 +45,7 @@ def qmatmul(x: Array, qt: QuantizedTensor, kernel: str = "auto") -> Array:
         raise ValueError(f"qmatmul: x has {x.shape[-1]} features, the kernel contracts {qt.k}.")
     batch = x.shape[:-1]
     y = _qmatmul(kernel, x.reshape(-1, qt.k), qt)
-    return y.reshape(batch + (qt.n,))
+    return y.reshape((*batch, qt.n))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -15,6 +15,7 @@ any K (padded to the block size) and any N that is a multiple of the tile width 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,7 @@ from lora_jax.quant.formats import TABLES, QuantizedTensor, block_scales
 _MIN_DOT = 16  # smallest dot dimension that the Triton backend accepts
 
 
-def _decode(codes, fmt: str):
+def _decode(codes: jax.Array, fmt: str) -> jax.Array:
     """Values of int32 codes in [0, 16) as float32, by a select tree over the four bits."""
     if fmt == "int4":
         return (codes.astype(jnp.float32) - 8.0) * (1.0 / 7.0)
@@ -48,11 +49,23 @@ def _row_tile(m: int) -> int:
     return min(128, max(_MIN_DOT, pl.next_power_of_2(m)))
 
 
-def _forward_kernel(x_ref, c_ref, s_ref, o_ref, *, fmt, wdtype, block, bm, bn, nblocks):
+def _forward_kernel(
+    x_ref: jax.Ref,
+    c_ref: jax.Ref,
+    s_ref: jax.Ref,
+    o_ref: jax.Ref,
+    *,
+    fmt: str,
+    wdtype: Any,
+    block: int,
+    bm: int,
+    bn: int,
+    nblocks: int,
+) -> None:
     half = block // 2
     rows, cols = pl.ds(pl.program_id(0) * bm, bm), pl.ds(pl.program_id(1) * bn, bn)
 
-    def body(i, acc):
+    def body(i: jax.Array, acc: jax.Array) -> jax.Array:
         byte = c_ref[pl.ds(i * half, half), cols].astype(jnp.int32)
         scale = s_ref[pl.ds(i, 1), cols]
         w_lo = (_decode(byte & 0xF, fmt) * scale).astype(wdtype).astype(x_ref.dtype)
@@ -66,13 +79,25 @@ def _forward_kernel(x_ref, c_ref, s_ref, o_ref, *, fmt, wdtype, block, bm, bn, n
     o_ref[rows, cols] = acc.astype(o_ref.dtype)
 
 
-def _transposed_kernel(g_ref, c_ref, s_ref, o_ref, *, fmt, wdtype, block, bm, bn, ntiles):
+def _transposed_kernel(
+    g_ref: jax.Ref,
+    c_ref: jax.Ref,
+    s_ref: jax.Ref,
+    o_ref: jax.Ref,
+    *,
+    fmt: str,
+    wdtype: Any,
+    block: int,
+    bm: int,
+    bn: int,
+    ntiles: int,
+) -> None:
     half = block // 2
     i = pl.program_id(1)  # the quantization block of the output's columns
     rows = pl.ds(pl.program_id(0) * bm, bm)
     contract = (((1,), (1,)), ((), ()))
 
-    def body(j, accs):
+    def body(j: jax.Array, accs: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         cols = pl.ds(j * bn, bn)
         byte = c_ref[pl.ds(i * half, half), cols].astype(jnp.int32)
         scale = s_ref[pl.ds(i, 1), cols]

@@ -59,7 +59,12 @@ class Rule:
         raise NotImplementedError
 
     def quantized_forward(
-        self, module: nn.Module, method: str, args: tuple, kwargs: dict, qt: QuantizedTensor,
+        self,
+        module: nn.Module,
+        method: str,
+        args: tuple,
+        kwargs: dict,
+        qt: QuantizedTensor,
         kernel: str,
     ) -> Array:
         """The method's output when the parameter is a 4-bit `QuantizedTensor` (QLoRA).

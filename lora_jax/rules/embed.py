@@ -28,7 +28,13 @@ class EmbedRule(Rule):
         return Split(0, 1)
 
     def delta(
-        self, module: nn.Module, method: str, args: tuple, kwargs: dict, a: Array, b: Array,
+        self,
+        module: nn.Module,
+        method: str,
+        args: tuple,
+        kwargs: dict,
+        a: Array,
+        b: Array,
         dropout: Callable[[Array], Array],
     ) -> Array:
         if method == "attend":

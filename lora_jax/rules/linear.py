@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax import _paths, _trees
-from lora_jax.adapters.geometry import Split
+from lora_jax.adapters.geometry import Shape, Split
 from lora_jax.quant.formats import QuantizedTensor
 from lora_jax.quant.matmul import qmatmul
 from lora_jax.rules.base import Rule
@@ -41,7 +41,7 @@ class LinearRule(Rule):
     methods: tuple[str, ...] = ("__call__",)
     quantizable = True
 
-    def split(self, module, shape, args, kwargs):
+    def split(self, module: nn.Module, shape: Shape, args: tuple, kwargs: dict) -> Split:
         x_spec, p_spec, y_spec = self.spec(module, args[0], kwargs)
         kinds = [
             "b" if c in x_spec and c in y_spec else "i" if c in x_spec else "o" for c in p_spec
@@ -55,7 +55,16 @@ class LinearRule(Rule):
             )
         return Split(kinds.count("b"), kinds.count("i"))
 
-    def delta(self, module, method, args, kwargs, a, b, dropout):
+    def delta(
+        self,
+        module: nn.Module,
+        method: str,
+        args: tuple,
+        kwargs: dict,
+        a: Array,
+        b: Array,
+        dropout: Callable[[Array], Array],
+    ) -> Array:
         x = args[0]
         x_spec, p_spec, y_spec = self.spec(module, x, kwargs)
         split = self.split(module, (0,) * len(p_spec), args, kwargs)
@@ -67,7 +76,15 @@ class LinearRule(Rule):
         h = jnp.einsum(f"{x_spec},{a_spec}->{h_spec}", dropout(x.astype(a.dtype)), a)
         return jnp.einsum(f"{h_spec},{b_spec}->{y_spec}", h, b)
 
-    def quantized_forward(self, module, method, args, kwargs, qt, kernel):
+    def quantized_forward(
+        self,
+        module: nn.Module,
+        method: str,
+        args: tuple,
+        kwargs: dict,
+        qt: QuantizedTensor,
+        kernel: str,
+    ) -> Array:
         """``einsum(x, dequantize(qt)) + bias`` through `lora_jax.quant.qmatmul`.
 
         The input is laid out as (batch..., rows, K) to meet the (K, N) matrices of `qt`
@@ -102,8 +119,8 @@ class LinearRule(Rule):
             )
         xt = _transpose(x.astype(dtype), x_spec, batch + free + ins)
         lead, free_shape = xt.shape[: len(batch)], xt.shape[len(batch) : len(batch) + len(free)]
-        xt = xt.reshape(lead + (math.prod(free_shape), qt.k))
-        matmul = lambda x, q: qmatmul(x, q, kernel)  # noqa: E731
+        xt = xt.reshape((*lead, math.prod(free_shape), qt.k))
+        matmul = lambda x, q: qmatmul(x, q, kernel)
         for _ in batch:
             matmul = jax.vmap(matmul)
         y = matmul(xt, qt).reshape(lead + free_shape + qt.out_shape)
@@ -141,11 +158,11 @@ def _bias(module: nn.Module, path: str) -> Array | None:
     return _trees.unbox(module.get_variable("params", "bias")) if module.use_bias else None
 
 
-def dense_spec(module, x, kwargs) -> EinsumSpec:
+def dense_spec(module: nn.Dense, x: Array, kwargs: dict) -> EinsumSpec:
     return "...i", "io", "...o"
 
 
-def dense_general_spec(module: nn.DenseGeneral, x, kwargs) -> EinsumSpec:
+def dense_general_spec(module: nn.DenseGeneral, x: Array, kwargs: dict) -> EinsumSpec:
     ndim = x.ndim
     axis = _normalize(module.axis, ndim)
     batch = _normalize(module.batch_dims, ndim)
@@ -158,12 +175,12 @@ def dense_general_spec(module: nn.DenseGeneral, x, kwargs) -> EinsumSpec:
     return x_spec, p_spec, "".join(x_spec[i] for i in batch) + free + f_spec
 
 
-def _normalize(axes, ndim: int) -> tuple[int, ...]:
+def _normalize(axes: int | Sequence[int], ndim: int) -> tuple[int, ...]:
     axes = axes if isinstance(axes, Sequence) else (axes,)
     return tuple(a % ndim for a in axes)
 
 
-def einsum_spec(module: nn.Einsum, x, kwargs) -> EinsumSpec:
+def einsum_spec(module: nn.Einsum, x: Array, kwargs: dict) -> EinsumSpec:
     einsum_str = kwargs.get("einsum_str") or module.einsum_str
     inputs, output = einsum_str.replace(" ", "").split("->")
     x_spec, p_spec = inputs.split(",")
