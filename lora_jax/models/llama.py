@@ -2,6 +2,19 @@
 
 Plain Flax that knows nothing of LoRA. Module names follow Hugging Face Llama, so parameter paths
 read `layers_0/self_attn/q_proj/kernel` and LoRA targets read like PEFT's. Kernels are (in, out).
+The config covers what sets the Llama family apart (Llama 2/3.x, Mistral, Qwen2, Qwen3): biases
+(`qkv_bias`, `o_bias`, `mlp_bias`), per-head q/k norms (`qk_norm`), Llama 3.1 RoPE scaling
+(`rope_scaling`), sliding-window attention (`sliding_window`), a free `head_dim` and tied
+embeddings. Gemma is not covered (its norms, embedding scale and activation differ).
+
+Cached decoding, the Flax way: a call with `cache_size=N` (prefill) makes a "cache" collection
+and fills it from the prompt; calls with `decode=True` append tokens to it. Apply with
+`mutable=["cache"]` and pass the returned cache back in (its layout: `lora_jax.models.kv_cache`):
+
+    logits, state = model.apply(params, prompt, cache_size=64, mutable=["cache"])
+    logits, state = model.apply({**params, **state}, next_ids, decode=True, mutable=["cache"])
+
+`lora_jax.models.generate` runs the whole loop under `jax.jit`.
 
 Options for scaling out (all off by default, so the parameter tree stays plain):
 - `logical_axes`: every parameter carries Flax logical axis names (`nn.LogicallyPartitioned`):
@@ -10,11 +23,13 @@ Options for scaling out (all off by default, so the parameter tree stays plain):
   `(("batch", "data"), ("embed", "fsdp"), ("heads", "model"), ("kv_heads", "model"),
   ("mlp", "model"), ("vocab", "model"))`.
 - `scan_layers`: the blocks run under `nn.scan`; their parameters sit at `layers/...` with a
-  leading axis of size `num_layers` instead of at `layers_0/...`, `layers_1/...`. Variable
-  collections other than "params" are broadcast across the layers (shared, not stacked).
+  leading axis of size `num_layers` instead of at `layers_0/...`, `layers_1/...`, and so do
+  the cached keys and values. Variable collections other than "params" and "cache" are
+  broadcast across the layers (shared, not stacked).
   `stack_layers` / `unstack_layers` convert between the two layouts.
 - `remat`: each block is rematerialized (`nn.remat`) in the backward pass: wholly (`True`), or
-  selectively with a `jax.checkpoint_policies` policy named in `REMAT_POLICIES`.
+  selectively with a `jax.checkpoint_policies` policy named in `REMAT_POLICIES` (not in
+  cached calls, which are for inference).
 """
 
 from __future__ import annotations
@@ -30,6 +45,10 @@ import numpy as np
 import optax
 from flax import traverse_util
 from flax.core import DenyList, meta
+
+from lora_jax.models import kv_cache
+from lora_jax.models.kv_cache import Slots
+from lora_jax.models.rope import RopeScaling, rope, rope_frequencies
 
 Array = jax.Array
 
@@ -77,6 +96,20 @@ class LlamaConfig:
       attention: `jax.nn.dot_product_attention`'s implementation: None (JAX's choice, the
         XLA path), "xla" or "cudnn" (fused flash attention on NVIDIA GPUs, bf16/fp16; needed
         for long sequences, where the XLA path keeps the full score matrix for the backward).
+        Cached calls (`cache_size` / `decode`) always take the XLA path.
+      qkv_bias: q_proj, k_proj and v_proj have a `bias` (Qwen2; Hugging Face Llama's
+        `attention_bias` sets this and `o_bias`).
+      o_bias: o_proj has a `bias`.
+      mlp_bias: gate_proj, up_proj and down_proj have a `bias` (Hugging Face Llama's `mlp_bias`).
+      qk_norm: Qwen3's per-head RMSNorm of the queries and keys over head_dim, before RoPE:
+        modules `self_attn/q_norm` and `self_attn/k_norm` with a `scale` (head_dim,), epsilon
+        `rms_norm_eps`.
+      rope_scaling: None, or Llama 3.1's "llama3" frequency scaling (a `RopeScaling`).
+      sliding_window: None, or Mistral's sliding-window attention in every layer: the query at
+        index i sees the keys at indices j with i - sliding_window < j <= i (the window holds
+        `sliding_window` tokens, the query's own included), as transformers masks it. Qwen2/3
+        put the window on the layers from `max_window_layers` on only when
+        `use_sliding_window` is set; this config takes the case where it covers every layer.
     """
 
     vocab_size: int
@@ -96,6 +129,12 @@ class LlamaConfig:
     scan_layers: bool = False
     remat: bool | str = False
     attention: str | None = None
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    rope_scaling: RopeScaling | None = None
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         number = lambda v, t: isinstance(v, t) and not isinstance(v, bool) and v > 0
@@ -107,7 +146,8 @@ class LlamaConfig:
             "num_heads",
             "num_kv_heads",
             "max_seq_len",
-        ] + ["head_dim"] * (self.head_dim is not None)
+        ]
+        sizes += [n for n in ("head_dim", "sliding_window") if getattr(self, n) is not None]
         for name in sizes:
             v = getattr(self, name)
             _check(number(v, int), f"LlamaConfig.{name} must be a positive int, got {v!r}.")
@@ -138,7 +178,7 @@ class LlamaConfig:
                 ok = False
             _check(ok, f"LlamaConfig.{name} must be a floating dtype, got {v!r}.")
             object.__setattr__(self, name, jnp.dtype(v))
-        for name in ("logical_axes", "scan_layers"):
+        for name in ("logical_axes", "scan_layers", "qkv_bias", "o_bias", "mlp_bias", "qk_norm"):
             v = getattr(self, name)
             _check(isinstance(v, bool), f"LlamaConfig.{name} must be a bool, got {v!r}.")
         _check(
@@ -149,6 +189,17 @@ class LlamaConfig:
         _check(
             self.attention in (None, "xla", "cudnn"),
             f"LlamaConfig.attention must be None, 'xla' or 'cudnn', got {self.attention!r}.",
+        )
+        hint = (
+            " Build it with lora_jax.models.RopeScaling(**that_dict) (Hugging Face's "
+            "'rope_type' key left out)."
+            if isinstance(self.rope_scaling, dict)
+            else ""
+        )
+        _check(
+            self.rope_scaling is None or isinstance(self.rope_scaling, RopeScaling),
+            "LlamaConfig.rope_scaling must be None or a RopeScaling, got "
+            f"{self.rope_scaling!r}.{hint}",
         )
 
     @classmethod
@@ -234,9 +285,12 @@ class LlamaConfig:
 
     def num_params(self) -> int:
         """Returns the exact number of parameters of `Llama(self)`."""
-        h = self.hidden_size
-        attention = 2 * h * self.head_dim * (self.num_heads + self.num_kv_heads)
-        block = attention + 3 * h * self.intermediate_size + 2 * h
+        h, d, m = self.hidden_size, self.head_dim, self.intermediate_size
+        attention = 2 * h * d * (self.num_heads + self.num_kv_heads)
+        attention += self.qkv_bias * d * (self.num_heads + 2 * self.num_kv_heads)
+        attention += self.o_bias * h + self.qk_norm * 2 * d
+        mlp = 3 * h * m + self.mlp_bias * (2 * m + h)
+        block = attention + mlp + 2 * h
         head = 0 if self.tie_embeddings else h * self.vocab_size
         return self.vocab_size * h + self.num_layers * block + h + head
 
@@ -259,25 +313,6 @@ class RMSNorm(nn.Module):
         return (x * jnp.broadcast_to(scale.astype(jnp.float32), x.shape)).astype(self.dtype)
 
 
-def rope(x: Array, positions: Array, theta: float) -> Array:
-    """Rotary position embedding in Hugging Face's rotate-half convention, in float32.
-
-    Args:
-      x: queries or keys, (batch, seq, heads, head_dim).
-      positions: integer positions, (batch, seq).
-      theta: the base of the frequencies.
-
-    Returns:
-      The rotated x, same shape and dtype.
-    """
-    half = x.shape[-1] // 2
-    freqs = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
-    angles = positions.astype(jnp.float32)[:, :, None, None] * freqs[None, None, None, :]
-    cos, sin = jnp.cos(angles), jnp.sin(angles)  # (batch, seq, 1, half)
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
-
-
 def _annotated(
     logical_axes: bool, init: Callable[..., Any], names: tuple[str, ...]
 ) -> Callable[..., Any]:
@@ -285,14 +320,17 @@ def _annotated(
     return nn.with_logical_partitioning(init, names) if logical_axes else init
 
 
-def _dense(cfg: LlamaConfig, features: int, name: str, axes: tuple[str, str]) -> nn.Dense:
+def _dense(
+    cfg: LlamaConfig, features: int, name: str, axes: tuple[str, str], bias: bool = False
+) -> nn.Dense:
     init = _annotated(cfg.logical_axes, nn.initializers.normal(0.02), axes)
     return nn.Dense(
         features,
-        use_bias=False,
+        use_bias=bias,
         dtype=cfg.dtype,
         param_dtype=cfg.param_dtype,
         kernel_init=init,
+        bias_init=_annotated(cfg.logical_axes, nn.initializers.zeros_init(), axes[1:]),
         name=name,
     )
 
@@ -307,31 +345,55 @@ class LlamaAttention(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, keep: Array | None) -> Array:
+    def __call__(
+        self, x: Array, positions: Array, keep: Array | None, slots: Slots | None = None
+    ) -> Array:
         """Attends each token to itself and the earlier tokens that `keep` allows.
 
         Args:
           x: hidden states, (batch, seq, hidden_size).
           positions: integer positions, (batch, seq).
           keep: None, or booleans (batch, seq), False at padding (hidden as a key).
+          slots: None (no cache), or where the tokens go in this layer's cache (variables
+            "cache"/key and "cache"/value, made on the first cached call); `keep` is then
+            ignored in favour of `slots.keep`.
 
         Returns:
           (batch, seq, hidden_size) in `cfg.dtype`.
         """
         cfg = self.cfg
         b, s, _ = x.shape
-        heads = lambda name, n, axis: _dense(cfg, n * cfg.head_dim, name, ("embed", axis))(
-            x
-        ).reshape(b, s, n, -1)
-        q = rope(heads("q_proj", cfg.num_heads, "heads"), positions, cfg.rope_theta)
-        k = rope(heads("k_proj", cfg.num_kv_heads, "kv_heads"), positions, cfg.rope_theta)
+        inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+
+        def heads(name: str, n: int, axis: str) -> Array:
+            dense = _dense(cfg, n * cfg.head_dim, name, ("embed", axis), cfg.qkv_bias)
+            return dense(x).reshape(b, s, n, cfg.head_dim)
+
+        q = heads("q_proj", cfg.num_heads, "heads")
+        k = heads("k_proj", cfg.num_kv_heads, "kv_heads")
         v = heads("v_proj", cfg.num_kv_heads, "kv_heads")
+        if cfg.qk_norm:
+            q, k = _norm(cfg, "q_norm")(q), _norm(cfg, "k_norm")(k)
+        q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
         # Query head i reads K/V head i // (num_heads // num_kv_heads), as HF's repeat_kv does.
-        mask = None if keep is None else keep[:, None, None, :]  # (batch, 1, 1, keys)
-        out = jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=True, implementation=cfg.attention
-        )
-        return _dense(cfg, cfg.hidden_size, "o_proj", ("heads", "embed"))(out.reshape(b, s, -1))
+        if slots is None:
+            mask = None if keep is None else keep[:, None, None, :]  # (batch, 1, 1, keys)
+            window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
+            out = jax.nn.dot_product_attention(
+                q,
+                k,
+                v,
+                mask=mask,
+                is_causal=True,
+                local_window_size=window,
+                implementation=cfg.attention,
+            )
+        else:  # the XLA path: a query or a few against the whole cache, under a full mask
+            k, v = kv_cache.write(self, k, v, slots, cfg.dtype)
+            mask = kv_cache.mask(slots, s, cfg.sliding_window)
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        o_proj = _dense(cfg, cfg.hidden_size, "o_proj", ("heads", "embed"), cfg.o_bias)
+        return o_proj(out.reshape(b, s, -1))
 
 
 class LlamaMLP(nn.Module):
@@ -343,9 +405,10 @@ class LlamaMLP(nn.Module):
     def __call__(self, x: Array) -> Array:
         """Maps (batch, seq, hidden_size) to the same shape in `cfg.dtype`."""
         cfg = self.cfg
-        gate = _dense(cfg, cfg.intermediate_size, "gate_proj", ("embed", "mlp"))(x)
-        up = _dense(cfg, cfg.intermediate_size, "up_proj", ("embed", "mlp"))(x)
-        return _dense(cfg, cfg.hidden_size, "down_proj", ("mlp", "embed"))(nn.silu(gate) * up)
+        dense = lambda n, name, axes: _dense(cfg, n, name, axes, cfg.mlp_bias)
+        gate = dense(cfg.intermediate_size, "gate_proj", ("embed", "mlp"))(x)
+        up = dense(cfg.intermediate_size, "up_proj", ("embed", "mlp"))(x)
+        return dense(cfg.hidden_size, "down_proj", ("mlp", "embed"))(nn.silu(gate) * up)
 
 
 class LlamaBlock(nn.Module):
@@ -354,11 +417,13 @@ class LlamaBlock(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, keep: Array | None) -> Array:
+    def __call__(
+        self, x: Array, positions: Array, keep: Array | None, slots: Slots | None = None
+    ) -> Array:
         """Maps (batch, seq, hidden_size) to the same shape; arguments as `LlamaAttention`."""
         cfg = self.cfg
         h = _norm(cfg, "input_layernorm")(x)
-        x = x + LlamaAttention(cfg, name="self_attn")(h, positions, keep)
+        x = x + LlamaAttention(cfg, name="self_attn")(h, positions, keep, slots)
         return x + LlamaMLP(cfg, name="mlp")(_norm(cfg, "post_attention_layernorm")(x))
 
 
@@ -367,25 +432,52 @@ class Llama(nn.Module):
 
     Attributes:
       cfg: the shapes and dtypes.
+
+    Example (cached decoding, one token at a time; `generate` runs this loop under jit):
+      >>> import jax, jax.numpy as jnp
+      >>> model = Llama(LlamaConfig.tiny())
+      >>> ids = jnp.array([[5, 6, 7]])
+      >>> params = model.init(jax.random.key(0), ids)
+      >>> logits, state = model.apply(params, ids, cache_size=8, mutable=["cache"])
+      >>> next_id = logits[:, -1:].argmax(-1)
+      >>> logits, state = model.apply({**params, **state}, next_id, decode=True,
+      ...                             mutable=["cache"])
+      >>> logits.shape, int(state["cache"]["index"]), state["cache"]["position"].tolist()
+      ((1, 1, 256), 4, [4])
     """
 
     cfg: LlamaConfig
 
     @nn.compact
     def __call__(
-        self, input_ids: Array, positions: Array | None = None, attention_mask: Array | None = None
+        self,
+        input_ids: Array,
+        positions: Array | None = None,
+        attention_mask: Array | None = None,
+        *,
+        cache_size: int | None = None,
+        decode: bool = False,
+        last_logits_only: bool = False,
     ) -> Array:
-        """Computes next-token logits.
+        """Computes next-token logits, optionally through a key/value cache.
 
         Args:
           input_ids: integer token ids, (batch, seq), seq at most `cfg.max_seq_len`.
-          positions: optional integer positions, (batch, seq) or (seq,); default 0 .. seq-1.
-            With left padding, give the first real token position 0.
+          positions: optional integer positions, (batch, seq) or (seq,); default 0 .. seq-1,
+            or with `decode` the cache's next position per row onwards. With left padding,
+            give the first real token position 0.
           attention_mask: optional (batch, seq), 1 at tokens and 0 at padding; padding is
             hidden from every query, on top of the causal mask.
+          cache_size: prefill: make a "cache" collection with this many slots (at least seq,
+            at most `cfg.max_seq_len`) and write the tokens into its first slots. The
+            variables must hold no cache yet; apply with ``mutable=["cache"]``.
+          decode: append the tokens to the cache that a prefill made (pass it back in the
+            variables; apply with ``mutable=["cache"]``); they see the cached real tokens.
+          last_logits_only: compute the logits of the last token only, (batch, 1, vocab_size):
+            what a prefill needs, without the (batch, seq, vocab_size) array.
 
         Returns:
-          Logits, (batch, seq, vocab_size), float32.
+          Logits, (batch, seq, vocab_size) (seq = 1 with `last_logits_only`), float32.
         """
         cfg = self.cfg
         _check(
@@ -395,11 +487,6 @@ class Llama(nn.Module):
             f"{input_ids.shape}.",
         )
         b, s = input_ids.shape
-        positions = jnp.arange(s) if positions is None else jnp.asarray(positions)
-        _check(
-            positions.shape in ((s,), (b, s)),
-            f"Llama: positions must be ({s},) or ({b}, {s}), got shape {positions.shape}.",
-        )
         keep = None
         if attention_mask is not None:
             keep = jnp.asarray(attention_mask).astype(bool)
@@ -407,6 +494,22 @@ class Llama(nn.Module):
                 keep.shape == (b, s),
                 f"Llama: attention_mask must be ({b}, {s}), got shape {keep.shape}.",
             )
+        slots = None
+        if cache_size is not None or decode:
+            slots, positions = kv_cache.advance(
+                self,
+                (b, s),
+                positions,
+                keep,
+                cache_size=cache_size,
+                decode=decode,
+                max_seq_len=cfg.max_seq_len,
+            )
+        positions = jnp.arange(s) if positions is None else jnp.asarray(positions)
+        _check(
+            positions.shape in ((s,), (b, s)),
+            f"Llama: positions must be ({s},) or ({b}, {s}), got shape {positions.shape}.",
+        )
         embed_init = _annotated(cfg.logical_axes, nn.initializers.normal(0.02), ("vocab", "embed"))
         embed = nn.Embed(
             cfg.vocab_size,
@@ -418,14 +521,16 @@ class Llama(nn.Module):
         )
         x, positions = embed(input_ids), jnp.broadcast_to(positions, (b, s))
         block = LlamaBlock
-        if cfg.remat:
+        if cfg.remat and slots is None:  # remat only changes the backward pass
             policy = None if cfg.remat is True else getattr(jax.checkpoint_policies, cfg.remat)
             block = nn.remat(LlamaBlock, prevent_cse=not cfg.scan_layers, policy=policy)
         if cfg.scan_layers:
-            x, _ = _scan(cfg)(block(cfg, name=LAYERS), x, positions, keep)
+            x, _ = _scan(cfg)(block(cfg, name=LAYERS), x, positions, keep, slots)
         else:
             for i in range(cfg.num_layers):
-                x = block(cfg, name=f"{LAYERS}_{i}")(x, positions, keep)
+                x = block(cfg, name=f"{LAYERS}_{i}")(x, positions, keep, slots)
+        if last_logits_only:
+            x = x[:, -1:]
         x = _norm(cfg, "norm")(x)
         if cfg.tie_embeddings:
             return embed.attend(x).astype(jnp.float32)
@@ -433,23 +538,25 @@ class Llama(nn.Module):
 
 
 LAYERS = "layers"  # the blocks' name: "layers_<i>" unrolled, "layers" stacked by scan_layers
+STACKED = ("params", kv_cache.CACHE)  # the collections that scan_layers stacks per layer
 
 
 def _scan_body(
-    block: LlamaBlock, x: Array, positions: Array, keep: Array | None
+    block: LlamaBlock, x: Array, positions: Array, keep: Array | None, slots: Slots | None
 ) -> tuple[Array, None]:
-    return block(x, positions, keep), None
+    return block(x, positions, keep, slots), None
 
 
 def _scan(cfg: LlamaConfig) -> Callable[..., tuple[Array, None]]:
-    """`nn.scan` over the blocks: "params" stacked on axis 0 (logical name "layers"), every other
-    variable collection broadcast (one shared value for all layers), rngs split per layer."""
+    """`nn.scan` over the blocks: "params" and "cache" stacked on axis 0 (logical name
+    "layers"), every other variable collection broadcast (one shared value for all layers),
+    rngs split per layer."""
     return nn.scan(
         _scan_body,
-        variable_axes={"params": 0},
-        variable_broadcast=DenyList("params"),
+        variable_axes=dict.fromkeys(STACKED, 0),
+        variable_broadcast=DenyList(STACKED),
         split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast),
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
         length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: LAYERS},
     )
@@ -458,9 +565,9 @@ def _scan(cfg: LlamaConfig) -> Callable[..., tuple[Array, None]]:
 def stack_layers(variables: dict) -> dict:
     """Converts unrolled blocks (`layers_0`, `layers_1`, ...) to the `scan_layers` layout.
 
-    Every "params" leaf under `layers_<i>` is stacked on a new leading axis under `layers`
-    (sharding boxes get the logical axis name "layers"). Other collections are broadcast by the
-    scan, so their per-layer values must be equal and are kept once.
+    Every "params" (and "cache") leaf under `layers_<i>` is stacked on a new leading axis
+    under `layers` (sharding boxes get the logical axis name "layers"). Other collections are
+    broadcast by the scan, so their per-layer values must be equal and are kept once.
 
     Args:
       variables: a variables dict (`{"params": ...}`, other collections allowed) or a bare
@@ -471,7 +578,7 @@ def stack_layers(variables: dict) -> dict:
 
     Raises:
       ValueError: the blocks are missing, not numbered 0 .. n-1, or differ in structure, or a
-        non-"params" collection holds different values for different layers.
+        broadcast collection holds different values for different layers.
     """
     bare = _is_bare(variables)
     out = {}
@@ -483,8 +590,8 @@ def stack_layers(variables: dict) -> dict:
 def unstack_layers(variables: dict) -> dict:
     """Converts the `scan_layers` layout back to unrolled blocks `layers_0`, `layers_1`, ...
 
-    The inverse of `stack_layers`: "params" leaves under `layers` are split along their
-    leading axis; other collections' `layers` entries are copied to every block.
+    The inverse of `stack_layers`: "params" and "cache" leaves under `layers` are split along
+    their leading axis; other collections' `layers` entries are copied to every block.
     """
     bare = _is_bare(variables)
     out = {}
@@ -492,8 +599,8 @@ def unstack_layers(variables: dict) -> dict:
         tree = dict(tree)
         if LAYERS in tree:
             stacked = tree.pop(LAYERS)
-            n = _num_stacked(stacked) if collection == "params" else None
-            if collection == "params":
+            if collection in STACKED:
+                n = _num_stacked(stacked)
                 tree |= {
                     f"{LAYERS}_{i}": jax.tree.map(
                         lambda v, i=i: _take(v, i), stacked, is_leaf=_is_box
@@ -541,7 +648,7 @@ def _stack_collection(collection: str, tree: dict) -> dict:
     stacked = {}
     for path in flats[0]:
         values = [flat[path] for flat in flats]
-        if collection == "params":
+        if collection in STACKED:
             stacked[path] = _stack(values)
         else:
             same = all(np.array_equal(meta.unbox(v), meta.unbox(values[0])) for v in values)
