@@ -49,6 +49,23 @@ class NameMap:
         """The lora_jax module path of a Hugging Face module name."""
         return _convert(name, self.pairs, src=1, sep=(".", "/"), what="Hugging Face module")
 
+    def param_to_hf(self, path: str) -> str:
+        """The Hugging Face tensor name of a lora_jax parameter path (`PARAM_NAMES` for the
+        last component).
+
+        Example:
+          >>> from lora_jax.io.hf_names import LLAMA
+          >>> LLAMA.param_to_hf("layers_0/self_attn/q_norm/scale")
+          'model.layers.0.self_attn.q_norm.weight'
+        """
+        module, _, param = path.rpartition("/")
+        if param not in PARAM_NAMES or not module:
+            raise ValueError(
+                f"The parameter path '{path}' does not end in a module and one of "
+                f"{sorted(PARAM_NAMES)}."
+            )
+        return f"{self.to_hf(module)}.{PARAM_NAMES[param]}"
+
 
 def _regex(pattern: str, sep: str) -> re.Pattern:
     out, pos = "", 0
@@ -78,6 +95,10 @@ LLAMA = NameMap(
         ("lm_head", "lm_head"),
     )
 )
+
+# Hugging Face tensors that hold no parameter and that loaders skip, as transformers does
+# (older Llama checkpoints store the rotary inverse frequencies, which are recomputed).
+LLAMA_IGNORED = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
 
 # Architectures (a config.json's "architectures" entry) whose modules `LLAMA` names.
 ARCHITECTURES = {

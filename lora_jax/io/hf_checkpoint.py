@@ -1,0 +1,935 @@
+"""Hugging Face checkpoints <-> the reference `Llama`: `load_pretrained` and `save_pretrained`.
+
+A checkpoint is a directory with ``config.json`` and its weights in safetensors: one
+``model.safetensors``, or shards ``model-0000i-of-0000n.safetensors`` listed in
+``model.safetensors.index.json``. A path ending in ``.gguf`` goes to `lora_jax.io.gguf`.
+
+Architectures: LlamaForCausalLM (Llama 2, 3, 3.1+, SmolLM, TinyLlama), MistralForCausalLM,
+Qwen2ForCausalLM, Qwen3ForCausalLM. `llama_config_from_hf` maps config.json to `LlamaConfig`:
+
+- sizes: vocab_size, hidden_size, intermediate_size, num_hidden_layers -> num_layers,
+  num_attention_heads -> num_heads, num_key_value_heads -> num_kv_heads (default: num_heads),
+  head_dim (default hidden_size // num_heads; Qwen3: 128), max_position_embeddings ->
+  max_seq_len, rms_norm_eps, tie_word_embeddings -> tie_embeddings;
+- RoPE: the base from ``rope_parameters["rope_theta"]`` (transformers 5) or ``rope_theta``;
+  the scaling from ``rope_parameters`` or ``rope_scaling``: type "default" or none, or
+  "llama3" -> `RopeScaling` (any other type is an error naming it);
+- biases: Llama ``attention_bias`` -> qkv_bias and o_bias, ``mlp_bias``; Qwen2 always
+  qkv_bias; Qwen3 ``attention_bias`` -> qkv_bias and o_bias, and qk_norm;
+- sliding window: Mistral ``sliding_window``; Qwen2/3 ``sliding_window`` when
+  ``use_sliding_window`` puts it on every layer (on some layers only is an error);
+- dtype and param_dtype: ``dtype`` / ``torch_dtype``, else the weights' own dtype.
+  ``hidden_act`` other than "silu" and a ``quantization_config`` are errors.
+
+`llama_config_to_hf` is the reverse, choosing the architecture from the config: Qwen3 when
+qk_norm, Qwen2 when qkv_bias and not o_bias, Mistral when sliding_window, else Llama (a
+combination none of them has is an error). It writes both the transformers 5 keys
+(``rope_parameters``, ``dtype``) and the older ones (``rope_theta``, ``rope_scaling``,
+``torch_dtype``), so transformers 4 reads the files too.
+
+Checks. `load_pretrained` checks every tensor's name, shape and dtype against the config
+from the file headers, before it reads any data, and lists every problem with its file.
+Like transformers, it skips the rotary ``inv_freq`` buffers of old checkpoints and a tied
+model's redundant ``lm_head.weight``.
+
+Memory. Tensors are read one at a time, largest first (the embedding's transient copies
+come while nothing else is loaded), each with the file opened for it alone, so that the
+memory map never holds more than that tensor's pages; each is put on the device as stored
+and transposed (kernels) and cast there, by XLA, which is much faster than NumPy at it. At
+any time at most two copies of one tensor exist besides what is already loaded.
+`save_pretrained` writes the safetensors format itself, one tensor at a time, with the same
+bound.
+
+Sharding. With a `mesh`, the returned model has ``logical_axes=True``: every parameter is an
+`nn.LogicallyPartitioned` box (logical names such as "embed", "heads", "mlp", "vocab"; see
+`lora_jax.models.llama`) whose array is already laid out on the mesh by `rules` (logical name
+-> mesh axes; None or no rule: replicated). Each tensor goes from the host straight to its
+shards (`jax.make_array_from_callback`); pass the same `rules` to `lora_jax.make_train_step`.
+
+4 bits. With `quantize` (a `QuantConfig`), the selected kernels (its `targets`, spelled like
+`LoraConfig.targets`; None means the seven linear layers of every decoder block,
+`DECODER_LINEAR`) are quantized as they arrive, so only one of them is ever dense on the
+device. `lora_jax.init` accepts such a base when its `LoraConfig.quantize` selects the same
+kernels (e.g. ``LoraConfig(targets=DECODER_LINEAR, quantize=the same QuantConfig)``).
+`save_pretrained` writes 4-bit kernels dense (dequantized to `param_dtype`): transformers
+cannot read lora_jax's 4-bit layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import json
+import math
+import os
+import pathlib
+import re
+import struct
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from safetensors import SafetensorError, safe_open
+
+from lora_jax import _paths, _trees
+from lora_jax.config import QuantConfig, dtype_name, matches_names
+from lora_jax.io._leaves import problems as leaf_problems
+from lora_jax.io.hf_names import ARCHITECTURES, LLAMA_IGNORED, NameMap
+from lora_jax.models.llama import Llama, LlamaConfig
+from lora_jax.models.rope import RopeScaling
+from lora_jax.quant.formats import QuantizedTensor, dequantize, quantize_array
+from lora_jax.sharding import param_shardings, quantized_specs, shard
+
+PathLike = str | os.PathLike
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' historical "5GB"
+DECODER_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MODEL_TYPES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+# What transformers 5 assumes when config.json leaves a key out, per model type.
+_DEFAULTS = {
+    "llama": {"max_position_embeddings": 2048},
+    "mistral": {"max_position_embeddings": 131072, "sliding_window": 4096},
+    "qwen2": {"max_position_embeddings": 32768, "max_window_layers": 28},
+    "qwen3": {"max_position_embeddings": 32768, "max_window_layers": 28, "head_dim": 128},
+}
+_REQUIRED = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
+# safetensors' codes of the floating dtypes that load as they are.
+_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+_CODES = {v: k for k, v in _DTYPES.items()}
+
+
+# --------------------------------------------------------------------------- config.json
+
+
+def llama_config_from_hf(
+    hf: Mapping[str, Any],
+    *,
+    dtype: Any = None,
+    param_dtype: Any = None,
+    where: str = CONFIG_FILE,
+) -> LlamaConfig:
+    """The `LlamaConfig` of a Hugging Face config.json (the mapping in the module docstring).
+
+    Args:
+      hf: the parsed config.json.
+      dtype, param_dtype: compute and storage dtypes; default: the config's ``dtype`` /
+        ``torch_dtype``, else float32.
+      where: how errors name the config.
+
+    Raises:
+      ValueError: an architecture other than the supported ones, a missing size, an
+        activation other than SiLU, a RoPE type other than "default"/"llama3", a quantized
+        checkpoint, or values that `LlamaConfig` rejects.
+
+    Example:
+      >>> cfg = llama_config_from_hf({
+      ...     "architectures": ["Qwen2ForCausalLM"], "vocab_size": 128, "hidden_size": 64,
+      ...     "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+      ...     "num_key_value_heads": 2, "rope_parameters": {"rope_theta": 1e6},
+      ...     "dtype": "bfloat16"})
+      >>> cfg.head_dim, cfg.rope_theta, cfg.qkv_bias, cfg.o_bias, cfg.param_dtype.name
+      (16, 1000000.0, True, False, 'bfloat16')
+    """
+    kind = MODEL_TYPES[_architecture(hf, where)]
+    get = lambda key, default=None: hf[key] if key in hf else _DEFAULTS[kind].get(key, default)
+    missing = [k for k in _REQUIRED if hf.get(k) is None]
+    if missing:
+        raise ValueError(f"{where} lacks {missing}, which every {kind} config has.")
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"{where} has hidden_act {act!r}; the reference Llama uses 'silu'.")
+    if hf.get("quantization_config"):
+        method = hf["quantization_config"].get("quant_method", "?")
+        raise ValueError(
+            f"{where} describes a quantized checkpoint (quant_method {method!r}): load the "
+            "unquantized weights (and pass quantize= for 4 bits)."
+        )
+    theta, scaling = _rope(hf, where)
+    heads = hf["num_attention_heads"]
+    attention_bias = bool(hf.get("attention_bias", False))
+    fields = dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=get("head_dim"),
+        rope_theta=float(theta),
+        rope_scaling=scaling,
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_seq_len=get("max_position_embeddings"),
+        qkv_bias=kind == "qwen2" or (kind in ("llama", "qwen3") and attention_bias),
+        o_bias=kind in ("llama", "qwen3") and attention_bias,
+        mlp_bias=kind == "llama" and bool(hf.get("mlp_bias", False)),
+        qk_norm=kind == "qwen3",
+        sliding_window=_sliding_window(hf, kind, get, where),
+    )
+    stored = _config_dtype(hf, where) or jnp.dtype(jnp.float32)
+    fields["dtype"] = stored if dtype is None else dtype
+    fields["param_dtype"] = stored if param_dtype is None else param_dtype
+    try:
+        return LlamaConfig(**fields)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def _config_dtype(hf: Mapping[str, Any], where: str = CONFIG_FILE) -> np.dtype | None:
+    """The weights' dtype that config.json declares (``dtype``, or ``torch_dtype`` before
+    transformers 5), or None."""
+    name = hf.get("dtype") or hf.get("torch_dtype")
+    if name is None or name == "auto":
+        return None
+    name = str(name).removeprefix("torch.")
+    try:
+        found = jnp.dtype(name)
+    except TypeError:
+        found = None
+    if found is None or not jnp.issubdtype(found, jnp.floating):
+        raise ValueError(f"{where} has dtype {name!r}; expected a floating dtype.")
+    return found
+
+
+def _architecture(hf: Mapping[str, Any], where: str) -> str:
+    names = hf.get("architectures") or []
+    if not names and hf.get("model_type") in MODEL_TYPES.values():
+        return next(a for a, t in MODEL_TYPES.items() if t == hf["model_type"])
+    known = [n for n in names if n in ARCHITECTURES]
+    if len(known) != 1 or len(names) != 1:
+        raise ValueError(
+            f"{where} names architectures {names!r} (model_type "
+            f"{hf.get('model_type')!r}); supported: {', '.join(ARCHITECTURES)}."
+        )
+    return known[0]
+
+
+def _rope(hf: Mapping[str, Any], where: str) -> tuple[float, RopeScaling | None]:
+    """The RoPE base and scaling, from transformers 5's rope_parameters or the older keys."""
+    params = hf.get("rope_parameters") or {}
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    typed = lambda d: "rope_type" in d or "type" in d
+    scaling = params if typed(params) else (hf.get("rope_scaling") or {})
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        return theta, None
+    if kind != "llama3":
+        raise ValueError(
+            f"{where} has RoPE type {kind!r}; supported: 'default' and 'llama3' (Llama 3.1)."
+        )
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    missing = [k for k in keys if k not in scaling]
+    if missing:
+        raise ValueError(f"{where}: the 'llama3' RoPE scaling lacks {missing}.")
+    try:
+        return theta, RopeScaling(
+            factor=float(scaling["factor"]),
+            low_freq_factor=float(scaling["low_freq_factor"]),
+            high_freq_factor=float(scaling["high_freq_factor"]),
+            original_max_position_embeddings=scaling["original_max_position_embeddings"],
+        )
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def _sliding_window(
+    hf: Mapping[str, Any], kind: str, get: Callable[..., Any], where: str
+) -> int | None:
+    if kind == "llama":
+        return None
+    window = get("sliding_window")
+    if kind == "mistral" or window is None or not hf.get("use_sliding_window", False):
+        return window if kind == "mistral" else None
+    n, first = hf["num_hidden_layers"], get("max_window_layers")
+    types = hf.get("layer_types") or [
+        "sliding_attention" if i >= first else "full_attention" for i in range(n)
+    ]
+    sliding = {t == "sliding_attention" for t in types}
+    if sliding == {True, False}:
+        raise ValueError(
+            f"{where} puts sliding-window attention on some layers only ({types}); "
+            "LlamaConfig.sliding_window covers every layer or none."
+        )
+    return window if sliding == {True} else None
+
+
+def llama_config_to_hf(cfg: LlamaConfig) -> dict[str, Any]:
+    """The Hugging Face config.json of a `LlamaConfig` (architecture chosen from it).
+
+    Raises:
+      ValueError: no supported architecture has this combination of biases, q/k norms and
+        sliding window (what is in the way is named).
+
+    Example:
+      >>> from lora_jax.models import LlamaConfig
+      >>> hf = llama_config_to_hf(LlamaConfig.tiny(qk_norm=True))
+      >>> hf["architectures"], hf["head_dim"], hf["rope_parameters"]["rope_theta"]
+      (['Qwen3ForCausalLM'], 16, 10000.0)
+      >>> llama_config_from_hf(hf) == LlamaConfig.tiny(qk_norm=True)
+      True
+    """
+    arch = _choose_architecture(cfg)
+    kind = MODEL_TYPES[arch]
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        rope |= {"rope_type": "llama3", **dataclasses.asdict(cfg.rope_scaling)}
+    name = dtype_name(cfg.param_dtype)
+    out = {
+        "architectures": [arch],
+        "model_type": kind,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "rope_parameters": rope,
+        "rope_theta": cfg.rope_theta,
+        "attention_dropout": 0.0,
+        "use_cache": True,
+        "dtype": name,
+        "torch_dtype": name,
+    }
+    if cfg.rope_scaling is not None:
+        out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if kind in ("llama", "qwen3"):
+        out["attention_bias"] = cfg.qkv_bias
+    if kind == "llama":
+        out["mlp_bias"] = cfg.mlp_bias
+    if kind == "mistral":
+        out["sliding_window"] = cfg.sliding_window
+    if kind in ("qwen2", "qwen3"):
+        sliding = cfg.sliding_window is not None
+        out |= {
+            "use_sliding_window": sliding,
+            "sliding_window": cfg.sliding_window,
+            "max_window_layers": 0 if sliding else cfg.num_layers,
+            "layer_types": [("sliding" if sliding else "full") + "_attention"] * cfg.num_layers,
+        }
+    return out
+
+
+def _choose_architecture(cfg: LlamaConfig) -> str:
+    if cfg.qk_norm:
+        arch, why = "Qwen3ForCausalLM", "qk_norm"
+        bad = ["mlp_bias"] * cfg.mlp_bias + ["qkv_bias != o_bias"] * (cfg.qkv_bias != cfg.o_bias)
+    elif cfg.qkv_bias and not cfg.o_bias:
+        arch, why, bad = "Qwen2ForCausalLM", "qkv_bias without o_bias", ["mlp_bias"] * cfg.mlp_bias
+    elif cfg.sliding_window is not None:
+        arch, why = "MistralForCausalLM", "sliding_window"
+        bad = [n for n in ("qkv_bias", "o_bias", "mlp_bias") if getattr(cfg, n)]
+    else:
+        arch, why = "LlamaForCausalLM", "no q/k norms, Qwen2 biases or sliding window"
+        bad = ["o_bias without qkv_bias"] * (cfg.o_bias and not cfg.qkv_bias)
+    if bad:
+        raise ValueError(
+            f"No supported Hugging Face architecture has this LlamaConfig: {arch} (for {why}) "
+            f"cannot express {', '.join(bad)}."
+        )
+    return arch
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class _Tensor(NamedTuple):
+    """A tensor as a safetensors header describes it."""
+
+    file: pathlib.Path
+    shape: tuple[int, ...]
+    dtype: str  # safetensors' code: "BF16", "F32", ...
+
+
+class _Opened:
+    """`safe_open` (numpy) whose failures are `ValueError`s naming the file."""
+
+    def __init__(self, file: pathlib.Path) -> None:
+        self.file = file
+        try:
+            self.handle = safe_open(str(file), framework="numpy")
+        except (SafetensorError, OSError) as e:
+            raise _corrupt(file, e) from None
+
+    def __enter__(self) -> Any:
+        return self.handle.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.__exit__(*exc)
+
+
+def _corrupt(file: pathlib.Path, error: Exception) -> ValueError:
+    return ValueError(f"Cannot read '{file}' (a truncated or corrupt safetensors file?): {error}")
+
+
+def _read_json(file: pathlib.Path) -> Any:
+    try:
+        return json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"Cannot read '{file}' as JSON: {e}") from None
+
+
+def _headers(root: pathlib.Path) -> dict[str, _Tensor]:
+    """Every tensor of the checkpoint's safetensors files, from their headers only."""
+    single, index = root / WEIGHTS_FILE, root / INDEX_FILE
+    if single.exists():
+        files, weight_map = [single], None
+    elif index.exists():
+        data = _read_json(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"'{index}' has no 'weight_map' of tensor names to files.")
+        files = [root / f for f in sorted(set(weight_map.values()))]
+        holds = lambda f: _trees.quoted(sorted(n for n, v in weight_map.items() if v == f.name))
+        _trees.raise_problems(
+            f"'{index}' names shards that '{root}' lacks",
+            [f"'{f.name}' (holding {holds(f)})" for f in files if not f.exists()],
+        )
+    else:
+        found = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+        raise ValueError(
+            f"'{root}' holds neither {WEIGHTS_FILE} nor {INDEX_FILE} (found {found[:10]}); "
+            "only safetensors checkpoints are read (convert PyTorch .bin files first)."
+        )
+    tensors, problems = {}, []
+    for file in files:
+        with _Opened(file) as f:
+            for name in f.keys():
+                if name in tensors:
+                    problems.append(
+                        f"Tensor '{name}' is in both '{tensors[name].file.name}' and '{file.name}'."
+                    )
+                meta = f.get_slice(name)
+                tensors[name] = _Tensor(file, tuple(meta.get_shape()), meta.get_dtype())
+    for name, shard_name in (weight_map or {}).items():
+        if name not in tensors or tensors[name].file.name != shard_name:
+            problems.append(
+                f"Tensor '{name}': '{INDEX_FILE}' puts it in '{shard_name}', "
+                "which does not hold it."
+            )
+    _trees.raise_problems(f"The safetensors files of '{root}' disagree", problems)
+    return tensors
+
+
+def _abstract(cfg: LlamaConfig) -> dict[str, Any]:
+    """The model's parameters as '/'-joined paths -> `jax.ShapeDtypeStruct` (boxed when
+    `cfg.logical_axes`), without computing anything."""
+    init = lambda: Llama(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    return _trees.flat(jax.eval_shape(init)[_paths.PARAMS])
+
+
+def _expected(
+    abstract: Mapping[str, Any], names: NameMap
+) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Hugging Face tensor name -> (lora_jax parameter path, Hugging Face shape), from the
+    `_abstract` parameters of an unrolled (not `scan_layers`) model."""
+    out = {}
+    for path, leaf in abstract.items():
+        shape = tuple(_trees.unbox(leaf).shape)
+        out[names.param_to_hf(path)] = (path, _hf_shape(path, shape))
+    return out
+
+
+def _hf_shape(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A kernel (in, out) is Hugging Face's weight (out, in); other parameters keep theirs."""
+    return shape[::-1] if path.endswith("/kernel") else shape
+
+
+def _check_tensors(
+    root: pathlib.Path,
+    arch: str,
+    cfg: LlamaConfig,
+    tensors: Mapping[str, _Tensor],
+    expected: Mapping[str, tuple[str, tuple[int, ...]]],
+) -> None:
+    """Raises listing every missing, unexpected, misshapen or non-float tensor."""
+    problems = []
+    for name, (path, shape) in expected.items():
+        t = tensors.get(name)
+        if t is None:
+            problems.append(f"Tensor '{name}' is missing (the model's '{path}', shape {shape}).")
+        elif t.shape != shape:
+            problems.append(
+                f"Tensor '{name}' in '{t.file.name}' has shape {t.shape} but config.json gives "
+                f"{shape}."
+            )
+        elif t.dtype not in _DTYPES:
+            problems.append(
+                f"Tensor '{name}' in '{t.file.name}' has dtype {t.dtype}; expected a floating "
+                f"dtype ({', '.join(_DTYPES)})."
+            )
+    problems += [
+        f"Tensor '{name}' in '{t.file.name}' is not a parameter of {arch} with this config.json."
+        for name, t in tensors.items()
+        if name not in expected and not _ignored(name, cfg)
+    ]
+    _trees.raise_problems(
+        f"The checkpoint '{root}' does not fit its config.json ({arch})", problems
+    )
+
+
+def _ignored(name: str, cfg: LlamaConfig) -> bool:
+    """Tensors that transformers skips too: rotary buffers, and a tied model's lm_head."""
+    if cfg.tie_embeddings and name == "lm_head.weight":
+        return True
+    return any(re.fullmatch(p, name) for p in LLAMA_IGNORED)
+
+
+# --------------------------------------------------------------------------- placing
+
+
+Reader = Callable[[], np.ndarray]
+
+
+class _Source(NamedTuple):
+    """Where a parameter's values come from: its size, a function that reads them, and
+    whether they are a Hugging Face weight (out, in) to transpose into a kernel (in, out)."""
+
+    size: int
+    read: Reader
+    transpose: bool
+
+
+Placer = Callable[[str, _Source], Any]
+
+
+def _placer(
+    cfg: LlamaConfig,
+    abstract: Mapping[str, Any],
+    mesh: Mesh | None,
+    rules: Sequence | None,
+    quantize: QuantConfig | None,
+) -> Placer:
+    """The function that reads one tensor and turns it into its parameter leaf: on the
+    default device or straight onto its shards, transposed and cast to `param_dtype` there
+    (XLA transposes an order of magnitude faster than NumPy), or quantized; boxed. It holds
+    the only reference to what it reads and drops each copy once the next one exists: at
+    most two copies of the tensor at any time."""
+    shardings = None
+    if mesh is not None:
+        named = param_shardings({_paths.PARAMS: _trees.unflat(abstract)}, mesh, rules=rules or ())
+        shardings = _trees.flat(named[_paths.PARAMS])
+
+    def place(path: str, source: _Source) -> Any:
+        host, transpose = source.read(), source.transpose
+        quantized = quantize is not None and _quantized(path, quantize)
+        dtype = host.dtype if quantized else jnp.dtype(cfg.param_dtype)
+        if host.size < _XLA_MIN_SIZE and (transpose or host.dtype != dtype):
+            host, transpose = np.ascontiguousarray(host.T if transpose else host, dtype), False
+        if shardings is None:
+            x = jax.device_put(host)
+        else:  # the read layout's shards: the transposed spec for a weight (out, in)
+            spec = tuple(shardings[path].spec) + (None,) * host.ndim
+            spec = spec[: host.ndim][:: -1 if transpose else 1]
+            sharding = NamedSharding(shardings[path].mesh, PartitionSpec(*spec))
+            x = jax.make_array_from_callback(host.shape, sharding, host.__getitem__)
+        jax.block_until_ready(x)
+        del host
+        if transpose or x.dtype != dtype:
+            x = jax.block_until_ready(_relayout(x, transpose=transpose, dtype=dtype))
+        if quantized:
+            x = quantize_array(x, quantize, n_lead=0, n_in=1, path=path)
+            if shardings is not None:
+                wrap = lambda s: NamedSharding(shardings[path].mesh, s)
+                x = shard(x, quantized_specs(x, shardings[path].spec, wrap))
+            jax.block_until_ready(x)
+        return _trees.rebox(abstract[path], x) if _trees.is_box(abstract[path]) else x
+
+    return place
+
+
+# Below this many elements a NumPy copy beats compiling an XLA transpose (or cast) for the shape.
+_XLA_MIN_SIZE = 1 << 20
+
+
+@functools.partial(jax.jit, static_argnames=("transpose", "dtype"))
+def _relayout(x: jax.Array, *, transpose: bool, dtype: np.dtype) -> jax.Array:
+    return (x.T if transpose else x).astype(dtype)
+
+
+def _quantized(path: str, quantize: QuantConfig) -> bool:
+    """Whether the `quantize` config selects this parameter (a kernel) for 4 bits."""
+    module, _, leaf = path.rpartition("/")
+    if leaf != "kernel":
+        return False
+    if quantize.targets is None:
+        chosen = module.startswith("layers_") and module.rsplit("/", 1)[-1] in DECODER_LINEAR
+    else:
+        chosen = matches_names(quantize.targets, module)
+    return chosen and not (quantize.exclude and matches_names(quantize.exclude, module))
+
+
+def _place_all(sources: Mapping[str, _Source], place: Placer) -> dict[str, Any]:
+    """Reads and places every tensor, largest first: the transient copies of the big ones
+    come while little else is loaded."""
+    order = sorted(sources, key=lambda p: -sources[p].size)
+    return {path: place(path, sources[path]) for path in order}
+
+
+# --------------------------------------------------------------------------- load
+
+
+def load_pretrained(
+    path: PathLike,
+    *,
+    dtype: Any = None,
+    param_dtype: Any = None,
+    mesh: Mesh | None = None,
+    rules: Sequence[tuple[str, Any]] | None = None,
+    quantize: QuantConfig | None = None,
+) -> tuple[Llama, dict]:
+    """Loads a Hugging Face checkpoint (or a GGUF file) into the reference `Llama`.
+
+    Args:
+      path: a directory with config.json and model.safetensors (or shards and
+        model.safetensors.index.json), or a ``.gguf`` file (read by `lora_jax.io.gguf`).
+      dtype, param_dtype: the model's compute and storage dtypes; default: the checkpoint's.
+      mesh: place every tensor straight onto its shards of this mesh; the model then has
+        ``logical_axes=True`` and the parameters are `nn.LogicallyPartitioned` boxes.
+      rules: logical axis rules for `mesh`, e.g. ``(("heads", "model"), ("mlp", "model"))``;
+        None (or a name without a rule) replicates.
+      quantize: store the selected kernels in 4 bits as they arrive (targets None: the
+        seven linear layers of every block, `DECODER_LINEAR`).
+
+    Returns:
+      ``(model, variables)``: the `Llama`, and ``{"params": ...}`` with every leaf on the
+      device(s), ready for ``lora_jax.init(lora_jax.LoRA(model, cfg), rng, sample,
+      base_params=variables)`` or ``model.apply(variables, ids)``.
+
+    Raises:
+      ValueError: an unsupported architecture or config value (named); a missing shard;
+        a truncated or corrupt file; missing, unexpected, misshapen or non-float tensors
+        (all listed, each with its file).
+
+    Example:
+      >>> import tempfile, jax, jax.numpy as jnp
+      >>> from lora_jax.models import Llama, LlamaConfig
+      >>> model = Llama(LlamaConfig.tiny())
+      >>> ids = jnp.zeros((1, 4), jnp.int32)
+      >>> variables = model.init(jax.random.key(0), ids)
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     save_pretrained(d, model, variables)
+      ...     loaded, params = load_pretrained(d)
+      >>> bool(jnp.all(loaded.apply(params, ids) == model.apply(variables, ids)))
+      True
+    """
+    path = pathlib.Path(path)
+    if rules is not None and mesh is None:
+        raise ValueError("load_pretrained: rules= maps logical axes onto a mesh; pass mesh= too.")
+    if path.suffix == ".gguf":
+        return _load_gguf(path, dtype, param_dtype, mesh, rules, quantize)
+    config_file = path / CONFIG_FILE
+    if not config_file.exists():
+        raise ValueError(
+            f"load_pretrained: '{path}' has no {CONFIG_FILE} (a Hugging Face model "
+            "directory, or a .gguf file, was expected)."
+        )
+    hf = _read_json(config_file)
+    arch = _architecture(hf, str(config_file))
+    tensors = _headers(path)
+    # Default dtype: config.json's, else the embedding's own.
+    stored = _config_dtype(hf, str(config_file))
+    embedding = tensors.get("model.embed_tokens.weight")
+    if stored is None and embedding is not None and embedding.dtype in _DTYPES:
+        stored = jnp.dtype(_DTYPES[embedding.dtype])
+    cfg = llama_config_from_hf(
+        hf,
+        dtype=dtype if dtype is not None else stored,
+        param_dtype=param_dtype if param_dtype is not None else stored,
+        where=str(config_file),
+    )
+    cfg = dataclasses.replace(cfg, logical_axes=mesh is not None)
+    names = ARCHITECTURES[arch]
+    abstract = _abstract(cfg)
+    expected = _expected(abstract, names)
+    _check_tensors(path, arch, cfg, tensors, expected)
+    sources = {
+        param: _Source(math.prod(shape), _reader(tensors[name], name), param.endswith("/kernel"))
+        for name, (param, shape) in expected.items()
+    }
+    place = _placer(cfg, abstract, mesh, rules, quantize)
+    return Llama(cfg), {_paths.PARAMS: _trees.unflat(_place_all(sources, place))}
+
+
+def _reader(tensor: _Tensor, name: str) -> Reader:
+    """Reads one tensor as stored, opening the file for this tensor alone so that the memory
+    map holds no other tensor's pages."""
+
+    def read() -> np.ndarray:
+        with _Opened(tensor.file) as f:
+            try:
+                value = f.get_tensor(name)
+            except (SafetensorError, OSError) as e:
+                raise _corrupt(tensor.file, e) from None
+        return value
+
+    return read
+
+
+def _load_gguf(
+    path: pathlib.Path,
+    dtype: Any,
+    param_dtype: Any,
+    mesh: Mesh | None,
+    rules: Sequence | None,
+    quantize: QuantConfig | None,
+) -> tuple[Llama, dict]:
+    """A GGUF file through `lora_jax.io.gguf.read_gguf`, placed as a safetensors checkpoint."""
+    try:
+        gguf = importlib.import_module("lora_jax.io.gguf")
+    except ModuleNotFoundError as e:
+        if e.name != "lora_jax.io.gguf":
+            raise
+        raise ValueError(
+            f"load_pretrained('{path}'): reading GGUF needs lora_jax.io.gguf, which this "
+            "installation of lora_jax lacks; convert the file to a Hugging Face directory."
+        ) from None
+    cfg, tree, _ = gguf.read_gguf(path, dtype=param_dtype if param_dtype is not None else dtype)
+    cfg = dataclasses.replace(
+        cfg,
+        dtype=cfg.dtype if dtype is None else dtype,
+        param_dtype=cfg.param_dtype if param_dtype is None else param_dtype,
+        logical_axes=mesh is not None,
+        scan_layers=False,
+    )
+    flat = _trees.flat(_paths.as_variables(tree, "read_gguf's params")[_paths.PARAMS])
+    del tree
+    abstract = _abstract(cfg)
+    found = {k: {"shape": list(np.shape(v))} for k, v in flat.items()}
+    want = {k: {"shape": list(_trees.unbox(v).shape)} for k, v in abstract.items()}
+    _trees.raise_problems(
+        f"The parameters read from '{path}' do not fit its config",
+        leaf_problems(found, want, f"in '{path.name}'"),
+    )
+    sources = {
+        k: _Source(math.prod(np.shape(v)), lambda k=k: flat.pop(k), False) for k, v in flat.items()
+    }
+    place = _placer(cfg, abstract, mesh, rules, quantize)
+    return Llama(cfg), {_paths.PARAMS: _trees.unflat(_place_all(sources, place))}
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class _Entry(NamedTuple):
+    """One tensor to write: its name, shape, safetensors dtype code and its data (a function
+    giving the row-major data as one or more arrays, read when the tensor is written)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    chunks: Callable[[], Iterable[np.ndarray]]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * jnp.dtype(_DTYPES[self.dtype]).itemsize
+
+
+def _write_safetensors(file: pathlib.Path, entries: Sequence[_Entry]) -> None:
+    """Writes one safetensors file tensor by tensor (the header first: every size is known),
+    through a temporary name, so that a failed write leaves no file that looks whole."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for e in entries:
+        header[e.name] = {
+            "dtype": e.dtype,
+            "shape": list(e.shape),
+            "data_offsets": [offset, offset + e.nbytes],
+        }
+        offset += e.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    tmp = file.with_name(file.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for e in entries:
+            written = 0
+            for chunk in e.chunks():
+                data = np.ascontiguousarray(chunk, dtype=_DTYPES[e.dtype]).reshape(-1)
+                f.write(data.view(np.uint8).data)
+                written += data.nbytes
+            if written != e.nbytes:
+                raise ValueError(
+                    f"Tensor '{e.name}' gave {written} bytes for shape {e.shape} "
+                    f"{e.dtype} ({e.nbytes} bytes)."
+                )
+    os.replace(tmp, file)
+
+
+def _shard_names(n: int) -> list[str]:
+    if n == 1:
+        return [WEIGHTS_FILE]
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def _write_checkpoint(
+    root: PathLike, hf_config: Mapping[str, Any], entries: Sequence[_Entry], max_shard_bytes: int
+) -> None:
+    """Writes config.json and the entries in shards of at most `max_shard_bytes` (a larger
+    tensor gets a shard of its own), with an index when there are several."""
+    if (
+        isinstance(max_shard_bytes, bool)
+        or not isinstance(max_shard_bytes, int)
+        or max_shard_bytes <= 0
+    ):
+        raise ValueError(f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}.")
+    root = pathlib.Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    shards: list[list[_Entry]] = [[]]
+    for e in entries:
+        if shards[-1] and sum(x.nbytes for x in shards[-1]) + e.nbytes > max_shard_bytes:
+            shards.append([])
+        shards[-1].append(e)
+    stale = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
+    for old in root.iterdir():
+        if stale.fullmatch(old.name):
+            old.unlink()
+    files = _shard_names(len(shards))
+    for file, shard_entries in zip(files, shards, strict=True):
+        _write_safetensors(root / file, shard_entries)
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(e.nbytes for e in entries)},
+            "weight_map": {e.name: f for f, s in zip(files, shards, strict=True) for e in s},
+        }
+        (root / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (root / CONFIG_FILE).write_text(json.dumps(dict(hf_config), indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- save
+
+
+def save_pretrained(
+    path: PathLike, model: Llama, params: Mapping, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+) -> None:
+    """Writes a reference-`Llama` model as a Hugging Face directory.
+
+    ``transformers.AutoModelForCausalLM.from_pretrained(path)`` loads it (the architecture
+    is chosen from the config, see `llama_config_to_hf`). Tensors are written one at a time
+    in `model.cfg.param_dtype`; 4-bit kernels are written dense (dequantized). Earlier
+    ``model*.safetensors`` files and index in `path` are replaced.
+
+    Args:
+      path: the directory (made if needed).
+      model: the `Llama` the parameters belong to (`scan_layers` allowed).
+      params: its variables ``{"params": ...}`` or the bare params dict: a plain model's, or
+        ``lora_jax.merge(lora_params)`` (adapters must be merged first); boxes allowed.
+      max_shard_bytes: the largest shard; more than one gives ``model-0000i-of-0000n``
+        files and ``model.safetensors.index.json``.
+
+    Raises:
+      ValueError: the params hold adapters or do not fit the model (every leaf listed), no
+        supported architecture has the config, or a leaf is not fully visible to this process.
+
+    Example:
+      >>> import os, tempfile, jax, jax.numpy as jnp
+      >>> from lora_jax.models import Llama, LlamaConfig
+      >>> model = Llama(LlamaConfig.tiny())
+      >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     save_pretrained(d, model, variables, max_shard_bytes=300_000)
+      ...     sorted(os.listdir(d))
+      ['config.json', 'model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors', 'model.safetensors.index.json']
+    """
+    if not isinstance(model, Llama):
+        raise TypeError(
+            f"save_pretrained needs a lora_jax.models.Llama, got {type(model).__name__}."
+        )
+    cfg = model.cfg
+    hf_config = llama_config_to_hf(cfg)
+    flat = _params_to_save(cfg, params)
+    _write_checkpoint(path, hf_config, _save_entries(cfg, flat), max_shard_bytes)
+
+
+def _params_to_save(cfg: LlamaConfig, params: Mapping) -> dict[str, Any]:
+    """The bare params by path, unboxed, checked against the model."""
+    variables = _paths.as_variables(params, "params")
+    flat = {k: _trees.unbox(v) for k, v in _trees.flat(variables).items()}
+    lora = [k for k in flat if k.startswith(_paths.LORA + "/") or _paths.is_adapter_leaf(k)]
+    if lora:
+        raise ValueError(
+            f"save_pretrained: params hold LoRA adapters ({_trees.quoted(lora)}): save "
+            "lora_jax.merge(params), the plain model's parameters."
+        )
+    other = sorted({k.split("/", 1)[0] for k in flat} - {_paths.PARAMS})
+    if other:
+        raise ValueError(f"save_pretrained: params hold collections {other} besides 'params'.")
+    flat = {_paths.to_param(k): v for k, v in flat.items()}
+    want = {k: {"shape": list(_trees.unbox(v).shape)} for k, v in _abstract(cfg).items()}
+    found = {
+        k: {"shape": list(np.shape(v) if not isinstance(v, QuantizedTensor) else v.shape)}
+        for k, v in flat.items()
+    }
+    _trees.raise_problems(
+        "save_pretrained: params do not fit the model", leaf_problems(found, want, "in params")
+    )
+    return flat
+
+
+def _save_entries(cfg: LlamaConfig, flat: Mapping[str, Any]) -> list[_Entry]:
+    """One entry per Hugging Face tensor, in the model's order; stacked (`scan_layers`)
+    leaves give one tensor per layer."""
+    code = _CODES.get(dtype_name(cfg.param_dtype))
+    if code is None:
+        raise ValueError(f"save_pretrained: safetensors has no dtype for {cfg.param_dtype}.")
+    entries = []
+    unrolled = _abstract(dataclasses.replace(cfg, scan_layers=False))
+    for name, (path, shape) in _expected(
+        unrolled, ARCHITECTURES[_choose_architecture(cfg)]
+    ).items():
+        source, layer = path, None
+        if cfg.scan_layers and path.startswith("layers_"):
+            head, rest = path.split("/", 1)
+            source, layer = f"layers/{rest}", int(head.removeprefix("layers_"))
+        entries.append(_Entry(name, shape, code, _host_tensor(cfg, flat, source, layer)))
+    return entries
+
+
+def _host_tensor(
+    cfg: LlamaConfig, flat: Mapping[str, Any], path: str, layer: int | None
+) -> Callable[[], Iterator[np.ndarray]]:
+    """The Hugging Face layout of one tensor (kernels transposed on the device), on the host."""
+
+    def chunks() -> Iterator[np.ndarray]:
+        leaf = flat[path]
+        if any(
+            isinstance(a, jax.Array) and not a.is_fully_addressable for a in jax.tree.leaves(leaf)
+        ):
+            raise ValueError(
+                f"save_pretrained: '{path}' spans devices of other processes; save from one "
+                "process after gathering it (jax.experimental.multihost_utils.process_allgather)."
+            )
+        if layer is not None:
+            leaf = jax.tree.map(lambda a: a[layer], leaf)
+        if isinstance(leaf, QuantizedTensor):
+            leaf = dequantize(leaf, cfg.param_dtype)
+        transpose, dtype = path.endswith("/kernel"), jnp.dtype(cfg.param_dtype)
+        if math.prod(leaf.shape) >= _XLA_MIN_SIZE and (transpose or leaf.dtype != dtype):
+            leaf = _relayout(jnp.asarray(leaf), transpose=transpose, dtype=dtype)
+            transpose = False
+        host = np.asarray(leaf)
+        yield np.ascontiguousarray(host.T if transpose else host, dtype)
+
+    return chunks
