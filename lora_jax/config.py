@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 INITS = ("kaiming", "gaussian")
+ALL_LINEAR = "all-linear"  # PEFT's special `targets` value
+OUTPUT_HEADS = ("lm_head",)  # what "all-linear" leaves out
 QUANT_FORMATS = ("nf4", "fp4", "int4")
 QUANT_KERNELS = ("auto", "xla", "pallas")
 
@@ -89,13 +91,18 @@ def _check_alpha(field: str, value: Any) -> None:
         raise ValueError(f"LoraConfig.{field} must be a positive finite number, got {value!r}.")
 
 
-def matches_names(names: str | tuple[str, ...], path: str) -> bool:
+def matches_names(names: str | tuple[str, ...], path: str, *, linear: bool = True) -> bool:
     """Whether a module path matches `targets`-style names.
 
-    A string is a regular expression full-matched against the path. A sequence of names
-    matches when the path equals a name or ends with '/' + name, so ``"q_proj"`` matches
+    `ALL_LINEAR` ("all-linear", PEFT's special value) matches every linear layer (`linear`:
+    nn.Dense, nn.DenseGeneral, nn.Einsum, custom `LinearRule` layers) except the output head,
+    a module named one of `OUTPUT_HEADS` ("lm_head", as in Hugging Face causal LMs). Any other
+    string is a regular expression full-matched against the path. A sequence of names matches
+    when the path equals a name or ends with '/' + name, so ``"q_proj"`` matches
     ``layers_0/self_attn/q_proj`` and so does ``"self_attn/q_proj"`` (PEFT's rule).
     """
+    if names == ALL_LINEAR:
+        return linear and path.rpartition("/")[2] not in OUTPUT_HEADS
     if isinstance(names, str):
         return re.fullmatch(names, path) is not None
     return any(path == n or path.endswith("/" + n) for n in names)
@@ -162,10 +169,11 @@ class QuantConfig:
                 f"QuantConfig.kernel must be one of {QUANT_KERNELS}, got {self.kernel!r}."
             )
 
-    def is_target(self, path: str, adapted: bool) -> bool:
-        """Whether the layer at `path` (adapted by LoRA or not) gets a quantized kernel."""
-        hit = adapted if self.targets is None else matches_names(self.targets, path)
-        return hit and not (self.exclude and matches_names(self.exclude, path))
+    def is_target(self, path: str, adapted: bool, *, linear: bool = True) -> bool:
+        """Whether the layer at `path` (adapted by LoRA or not; `linear` or not) gets a
+        quantized kernel."""
+        hit = adapted if self.targets is None else matches_names(self.targets, path, linear=linear)
+        return hit and not (self.exclude and matches_names(self.exclude, path, linear=linear))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -178,7 +186,10 @@ class LoraConfig:
         (alpha / sqrt(rank) with `use_rslora`).
       dropout: dropout rate on the adapter input, applied only when a 'dropout' rng is passed.
       targets: a sequence of module names (a module matches when its path ends with one of
-        them) or one regular expression full-matched against the '/'-joined module path.
+        them), one regular expression full-matched against the '/'-joined module path, or
+        "all-linear" (PEFT's value: every linear layer except the output head `lm_head`).
+        The default, ("q_proj", "v_proj"), is PEFT's default for Llama models and fits
+        `lora_jax.models.Llama`.
       exclude: modules removed from the targets, spelled like `targets`.
       rank_pattern: regex -> rank overrides per module path, first match wins.
       alpha_pattern: regex -> alpha overrides per module path, first match wins.
@@ -195,7 +206,7 @@ class LoraConfig:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    targets: str | tuple[str, ...] = ("query", "value")
+    targets: str | tuple[str, ...] = ("q_proj", "v_proj")
     exclude: str | tuple[str, ...] = ()
     rank_pattern: Pattern = ()
     alpha_pattern: Pattern = ()
@@ -235,10 +246,11 @@ class LoraConfig:
                 f"LoraConfig.quantize must be a lora_jax.QuantConfig or None, got {self.quantize!r}."
             )
 
-    def is_target(self, path: str) -> bool:
-        """Whether the module at `path` gets an adapter."""
-        return matches_names(self.targets, path) and not (
-            self.exclude and matches_names(self.exclude, path)
+    def is_target(self, path: str, *, linear: bool = True) -> bool:
+        """Whether the module at `path` gets an adapter (`linear`: whether it is a linear
+        layer, which "all-linear" needs to know)."""
+        return matches_names(self.targets, path, linear=linear) and not (
+            self.exclude and matches_names(self.exclude, path, linear=linear)
         )
 
     def rank_for(self, path: str) -> int:

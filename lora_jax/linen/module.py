@@ -27,7 +27,7 @@ from lora_jax.adapters.records import Adapter, Quantized, Trainable
 from lora_jax.adapters.variant import variant_for
 from lora_jax.config import LoraConfig, QuantConfig, matches_pattern
 from lora_jax.quant.formats import QuantizedTensor
-from lora_jax.rules import Rule, rule_for
+from lora_jax.rules import LinearRule, Rule, rule_for
 
 Array = jax.Array
 
@@ -164,9 +164,15 @@ def _param_path(path: str, param: str) -> str:
 # --------------------------------------------------------------------------- the adapter
 
 
-def _expected(cfg: LoraConfig, geometry_shape: tuple, split: Split, path: str) -> Adapter | None:
+def _linear(rule: Rule | None) -> bool:
+    return isinstance(rule, LinearRule)
+
+
+def _expected(
+    cfg: LoraConfig, rule: Rule, geometry_shape: tuple, split: Split, path: str
+) -> Adapter | None:
     """The record that the config calls for at `path` (None: not targeted)."""
-    if not cfg.is_target(path):
+    if not cfg.is_target(path, linear=_linear(rule)):
         return None
     geometry = Geometry.of(geometry_shape, split, cfg.rank_for(path))
     return Adapter(geometry, cfg.scale_for(path), "lora")
@@ -184,7 +190,7 @@ def _adapter_record(
     """The layer's adapter record: made from the config when planning, else read from the
     tree and checked against the config."""
     if not module.has_variable("params", rule.param):
-        if not cfg.is_target(path):
+        if not cfg.is_target(path, linear=_linear(rule)):
             return None
         raise ValueError(f"Module '{path}' has no parameter '{rule.param}' for its LoRA rule.")
     shape = tuple(jnp.shape(_trees.unbox(module.get_variable("params", rule.param))))
@@ -194,12 +200,12 @@ def _adapter_record(
         module.get_variable(_paths.LORA, name) if module.has_variable(_paths.LORA, name) else None
     )
     if planning and found is None:
-        expected = _expected(cfg, shape, split, path)
+        expected = _expected(cfg, rule, shape, split, path)
         if expected is not None:
             _check_floating(module, rule, path)
             module.scope.variable(_paths.LORA, name, lambda: expected)
         return expected
-    _check_record(cfg, path, rule.param, found, _expected(cfg, shape, split, path))
+    _check_record(cfg, path, rule.param, found, _expected(cfg, rule, shape, split, path))
     return found
 
 
@@ -356,7 +362,9 @@ def _quantizable(cfg: LoraConfig, rule: Rule | None, path: str) -> bool:
         cfg.quantize is not None
         and rule is not None
         and rule.quantizable
-        and cfg.quantize.is_target(path, adapted=cfg.is_target(path))
+        and cfg.quantize.is_target(
+            path, adapted=cfg.is_target(path, linear=_linear(rule)), linear=_linear(rule)
+        )
     )
 
 
