@@ -1,6 +1,6 @@
 """Save a train state sharded over 8 devices; restore it onto 1 device and onto a (2, 4) mesh.
 
-test_checkpoint.py calls `check_layouts` in-process when JAX already has 8 devices, and
+test_io_checkpoints.py calls `check_layouts` in-process when JAX already has 8 devices, and
 otherwise runs this file with XLA_FLAGS=--xla_force_host_platform_device_count=8 (the flag
 must be set before jax is imported): python tests/_ckpt_sharding.py DIRECTORY
 """

@@ -1,4 +1,4 @@
-"""A small LoRA training run with checkpoints, for the fault tests in test_checkpoint.py.
+"""A small LoRA training run with checkpoints, for the fault tests in test_io_checkpoints.py.
 
 python tests/_ckpt_worker.py CKPT_DIR LOSS_LOG [--steps N] [--every K] [--kill-at S MARKER]
 

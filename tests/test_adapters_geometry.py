@@ -23,15 +23,21 @@ def test_shapes_of_a_multi_axis_and_a_batched_kernel():
 
 def test_leaf_axes_follow_the_kernel_with_the_rank_replicated():
     g = Geometry((16, 4, 8), 0, 1, 2)
-    assert g.leaf_axes(("embed", "heads", "kv")) == {"a": ("embed", None), "b": (None, "heads", "kv")}
+    assert g.leaf_axes(("embed", "heads", "kv")) == {
+        "a": ("embed", None),
+        "b": (None, "heads", "kv"),
+    }
     assert g.leaf_axes(("fsdp",)) == {"a": ("fsdp", None), "b": (None, None, None)}  # padded
     stacked = g.leaf_axes(("layers", "embed", "heads", None), ndim=4)
     assert stacked == {"a": ("layers", "embed", None), "b": ("layers", None, "heads", None)}
 
 
 @given(
-    batch=st.integers(0, 2), ins=st.integers(1, 2), outs=st.integers(1, 2),
-    rank=st.integers(1, 3), stacked=st.integers(0, 1),
+    batch=st.integers(0, 2),
+    ins=st.integers(1, 2),
+    outs=st.integers(1, 2),
+    rank=st.integers(1, 3),
+    stacked=st.integers(0, 1),
 )
 def test_delta_equals_a_dense_product(batch, ins, outs, rank, stacked):
     shape = (2,) * batch + (3,) * ins + (2,) * outs
@@ -43,21 +49,30 @@ def test_delta_equals_a_dense_product(batch, ins, outs, rank, stacked):
     assert delta.shape == lead + shape and delta.dtype == jnp.float32
     n = int(np.prod(lead + g.batch_shape))
     dense = np.einsum(
-        "nkr,nro->nko", np.asarray(a).reshape(n, g.fan_in, rank),
+        "nkr,nro->nko",
+        np.asarray(a).reshape(n, g.fan_in, rank),
         np.asarray(b).reshape(n, rank, g.fan_out),
     )
-    np.testing.assert_allclose(np.asarray(delta).reshape(n, g.fan_in, g.fan_out), 0.5 * dense, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(delta).reshape(n, g.fan_in, g.fan_out), 0.5 * dense, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_problems_name_the_leaf_and_both_ranks():
     g = Geometry((6, 8), 0, 1, 2)
     assert g.problems("q/kernel", (6, 8), {"a": (6, 2), "b": (2, 8)}) == []
     (line,) = g.problems("q/kernel", (6, 8), {"a": (6, 4), "b": (2, 8)})
-    assert line == "Adapter leaf 'a' of 'q/kernel' has shape (6, 4) (rank 4) but its record says (6, 2) (rank 2)."
+    assert (
+        line
+        == "Adapter leaf 'a' of 'q/kernel' has shape (6, 4) (rank 4) but its record says (6, 2) (rank 2)."
+    )
     (line,) = g.problems("q/kernel", (6, 9), {})
     assert "has shape (6, 9) but its adapter was made for shape (6, 8)" in line
 
 
 def test_rank_warning_only_above_min_fan():
     assert Geometry((6, 8), 0, 1, 6).rank_warning() is None
-    assert "rank 7 exceeds min(fan_in, fan_out) = min(6, 8) = 6" in Geometry((6, 8), 0, 1, 7).rank_warning()
+    assert (
+        "rank 7 exceeds min(fan_in, fan_out) = min(6, 8) = 6"
+        in Geometry((6, 8), 0, 1, 7).rank_warning()
+    )

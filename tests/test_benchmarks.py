@@ -22,8 +22,21 @@ def test_quick_suite_runs(tmp_path):
         + " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
     ).strip()
     out, img = tmp_path / "results", tmp_path / "img"
-    cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--size", "test", "--out", str(out),
-           "--plots", str(img), "--name", "smoke", "--no-peft"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.run",
+        "--quick",
+        "--size",
+        "test",
+        "--out",
+        str(out),
+        "--plots",
+        str(img),
+        "--name",
+        "smoke",
+        "--no-peft",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -37,12 +50,22 @@ def test_quick_suite_runs(tmp_path):
     assert {"full", "lora_qv", "lora_all", "whole_tree", "whole_nodon"} <= set(rows)
     assert all(r["ms"] > 0 and len(r["ms_all"]) >= 5 for r in rows.values())
     # A peer that is not installed still has its row, saying so.
-    assert set(cases["peers"]["qwix"]) == {"lora_jax LoRA", "qwix LoRA", "lora_jax QLoRA", "qwix QLoRA"}
+    assert set(cases["peers"]["qwix"]) == {
+        "lora_jax LoRA",
+        "qwix LoRA",
+        "lora_jax QLoRA",
+        "qwix QLoRA",
+    }
     assert "skipped" in cases["peers"]["peft"]
 
     table = (out / "smoke.md").read_text()
-    for title in ("LoRA vs full fine-tuning", "Trainable subtree vs whole tree", "QLoRA vs bf16 LoRA",
-                  "merge() throughput", "Peers"):
+    for title in (
+        "LoRA vs full fine-tuning",
+        "Trainable subtree vs whole tree",
+        "QLoRA vs bf16 LoRA",
+        "merge() throughput",
+        "Peers",
+    ):
         assert title in table
     pngs = sorted(p.name for p in img.glob("*.png"))
     assert len(pngs) == 5, pngs  # finetune, subtree, quantized, merge, peers

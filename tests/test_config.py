@@ -1,4 +1,5 @@
-"""LoraConfig: validation messages, target matching, per-path rank/alpha/scale."""
+"""LoraConfig: validation messages, target matching, per-path rank/alpha/scale; QuantConfig:
+validation messages."""
 
 import dataclasses
 import math
@@ -20,16 +21,31 @@ import lora_jax as lj
         (dict(alpha=-1.0), r"LoraConfig.alpha .* got -1.0"),
         (dict(alpha=float("inf")), r"LoraConfig.alpha must be a positive finite number, got inf"),
         (dict(alpha=float("nan")), r"LoraConfig.alpha .* got nan"),
-        (dict(alpha_pattern={"v_proj": float("inf")}), r"LoraConfig.alpha_pattern\['v_proj'\] .* got inf"),
+        (
+            dict(alpha_pattern={"v_proj": float("inf")}),
+            r"LoraConfig.alpha_pattern\['v_proj'\] .* got inf",
+        ),
         (dict(dropout=1.0), r"LoraConfig.dropout must be in \[0, 1\), got 1.0"),
         (dict(dropout=-0.1), r"LoraConfig.dropout .* got -0.1"),
-        (dict(targets="q_proj("), r"LoraConfig.targets has an invalid regular expression 'q_proj\('"),
+        (
+            dict(targets="q_proj("),
+            r"LoraConfig.targets has an invalid regular expression 'q_proj\('",
+        ),
         (dict(exclude="[a"), r"LoraConfig.exclude has an invalid regular expression"),
         (dict(targets=()), r"LoraConfig.targets is empty"),
-        (dict(rank_pattern={"q(": 4}), r"LoraConfig.rank_pattern has an invalid regular expression 'q\('"),
-        (dict(rank_pattern={"q_proj": 0}), r"LoraConfig.rank_pattern\['q_proj'\] must be a positive int, got 0"),
+        (
+            dict(rank_pattern={"q(": 4}),
+            r"LoraConfig.rank_pattern has an invalid regular expression 'q\('",
+        ),
+        (
+            dict(rank_pattern={"q_proj": 0}),
+            r"LoraConfig.rank_pattern\['q_proj'\] must be a positive int, got 0",
+        ),
         (dict(alpha_pattern={"v_proj": -3}), r"LoraConfig.alpha_pattern\['v_proj'\] .* got -3"),
-        (dict(init="xavier"), r"LoraConfig.init must be one of \('kaiming', 'gaussian'\), got 'xavier'"),
+        (
+            dict(init="xavier"),
+            r"LoraConfig.init must be one of \('kaiming', 'gaussian'\), got 'xavier'",
+        ),
         (dict(param_dtype=jnp.int32), r"LoraConfig.param_dtype must be a floating dtype"),
         (dict(trainable=("lm_head(",)), r"LoraConfig.trainable has an invalid regular expression"),
     ],
@@ -40,11 +56,11 @@ def test_bad_values_name_field_and_value(kwargs, match):
 
 
 def test_bad_types():
-    with pytest.raises(TypeError, match="LoraConfig.targets must be a regex string or a sequence"):
+    with pytest.raises(TypeError, match=r"LoraConfig.targets must be a regex string or a sequence"):
         lj.LoraConfig(targets=("q_proj", 3))
-    with pytest.raises(TypeError, match="LoraConfig.use_rslora must be a bool"):
+    with pytest.raises(TypeError, match=r"LoraConfig.use_rslora must be a bool"):
         lj.LoraConfig(use_rslora="yes")
-    with pytest.raises(TypeError, match="LoraConfig.rank_pattern must be a mapping"):
+    with pytest.raises(TypeError, match=r"LoraConfig.rank_pattern must be a mapping"):
         lj.LoraConfig(rank_pattern=5)
 
 
@@ -55,7 +71,9 @@ def test_keyword_only_frozen_hashable():
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.rank = 4
     assert cfg.targets == ("q_proj", "v_proj")
-    assert hash(cfg) == hash(lj.LoraConfig(targets=("q_proj", "v_proj"), rank_pattern={"q_proj": 4}))
+    assert hash(cfg) == hash(
+        lj.LoraConfig(targets=("q_proj", "v_proj"), rank_pattern={"q_proj": 4})
+    )
 
 
 def test_name_targets_match_last_components():
@@ -80,7 +98,8 @@ def test_regex_targets_full_match_and_exclude():
 
 def test_patterns_first_match_wins_and_scale():
     cfg = lj.LoraConfig(
-        rank=8, alpha=16.0,
+        rank=8,
+        alpha=16.0,
         rank_pattern={r"layers_0/.*": 2, "q_proj": 4},
         alpha_pattern={"v_proj": 4.0},
     )
@@ -95,5 +114,22 @@ def test_patterns_first_match_wins_and_scale():
 
 def test_pattern_key_matching_no_target_is_an_error():
     cfg = lj.LoraConfig(targets=("q_proj",), rank_pattern={"k_proj": 2})
-    with pytest.raises(ValueError, match=r"rank_pattern key 'k_proj' matches none of the targeted modules"):
+    with pytest.raises(
+        ValueError, match=r"rank_pattern key 'k_proj' matches none of the targeted modules"
+    ):
         cfg.check_patterns(["layers_0/self_attn/q_proj"])
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(fmt="nf3"), "QuantConfig.fmt"),
+        (dict(block_size=48), "QuantConfig.block_size"),
+        (dict(block_size=1), "QuantConfig.block_size"),
+        (dict(compute_dtype=jnp.int8), "QuantConfig.compute_dtype"),
+        (dict(kernel="cuda"), "QuantConfig.kernel"),
+    ],
+)
+def test_quant_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        lj.QuantConfig(**kwargs)

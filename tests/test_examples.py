@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def finetune_lm():
-    spec = importlib.util.spec_from_file_location("finetune_lm", ROOT / "examples" / "finetune_lm.py")
+    spec = importlib.util.spec_from_file_location(
+        "finetune_lm", ROOT / "examples" / "finetune_lm.py"
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules["finetune_lm"] = module
     spec.loader.exec_module(module)
@@ -24,9 +26,28 @@ def test_finetune_lm_on_user_data(finetune_lm, tmp_path):
     data = tmp_path / "poem.txt"
     data.write_text("the quick brown fox jumps over the lazy dog. " * 200)
     args = [
-        "--model", "tiny", "--base-steps", "5", "--steps", "30", "--batch", "4", "--seq", "32",
-        "--rank", "4", "--targets", "q_proj,v_proj", "--data", str(data), "--out", str(tmp_path / "run"),
-        "--lr", "1e-2", "--ckpt-every", "10",
+        "--model",
+        "tiny",
+        "--base-steps",
+        "5",
+        "--steps",
+        "30",
+        "--batch",
+        "4",
+        "--seq",
+        "32",
+        "--rank",
+        "4",
+        "--targets",
+        "q_proj,v_proj",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "run"),
+        "--lr",
+        "1e-2",
+        "--ckpt-every",
+        "10",
     ]
     result = finetune_lm.main(args)
     assert result["after"] < result["before"]
@@ -53,15 +74,35 @@ def test_docstring_corpus_is_prose(finetune_lm):
 
 
 def test_qlora_finetune_on_user_data(finetune_lm, tmp_path):
-    spec = importlib.util.spec_from_file_location("qlora_finetune", ROOT / "examples" / "qlora_finetune.py")
+    spec = importlib.util.spec_from_file_location(
+        "qlora_finetune", ROOT / "examples" / "qlora_finetune.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     data = tmp_path / "poem.txt"
     data.write_text("the quick brown fox jumps over the lazy dog. " * 200)
-    result = module.main([
-        "--model", "tiny", "--base-steps", "3", "--steps", "20", "--batch", "4", "--seq", "32",
-        "--rank", "4", "--data", str(data), "--out", str(tmp_path / "run"), "--lr", "1e-2",
-    ])
+    result = module.main(
+        [
+            "--model",
+            "tiny",
+            "--base-steps",
+            "3",
+            "--steps",
+            "20",
+            "--batch",
+            "4",
+            "--seq",
+            "32",
+            "--rank",
+            "4",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "run"),
+            "--lr",
+            "1e-2",
+        ]
+    )
     assert result["after"] < result["before"]
     assert result["merge_diff"] < 1e-4
     assert result["bits_per_weight"] < 4.5  # tiny kernels: padding of the 256-scale blocks

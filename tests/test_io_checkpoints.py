@@ -1,12 +1,20 @@
-"""Train-state checkpoints and adapter files: round trips, mismatches, damage, faults."""
+"""Tests for `lora_jax.io.checkpoints`: `CheckpointManager` and the train state.
+
+The train state round trips exactly while the step donates the saved buffers, boxed leaves
+come back in their boxes, the latest `max_to_keep` are kept, frozen leaves are never saved,
+another config or damaged and interrupted checkpoints are named, a restore lands on one device
+or a (2, 4) mesh (and says so when a sharding does not divide), a second manager only reads,
+an exit without `close` commits the last save, and a SIGKILL during a save resumes from the
+last complete checkpoint bit for bit.
+"""
 
 import dataclasses
 import gc
-import json
 import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -15,221 +23,27 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import safetensors
+from conftest import flip, trees_equal, truncate
 from flax import linen as nn
-from flax import struct, traverse_util
 
 import lora_jax as lj
-from lora_jax import config as config_module
-from lora_jax.io import CheckpointManager, config_from_dict, config_to_dict, load_adapter, save_adapter
-from lora_jax.io.adapter_files import ADAPTER_CONFIG_FILE, ADAPTER_FILE
-from lora_jax.models import Llama, LlamaConfig, causal_lm_loss
+from lora_jax.io import CheckpointManager
 
 HERE = Path(__file__).resolve().parent
-QuantConfig = getattr(config_module, "QuantConfig", None)
+ROOT = HERE.parent
 
 
-def trees_equal(a, b) -> bool:
-    """Same structure, dtypes and bits."""
-    same = jax.tree.map(
-        lambda x, y: x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y)), a, b
-    )
-    return jax.tree.structure(a) == jax.tree.structure(b) and all(jax.tree.leaves(same))
-
-
-@pytest.fixture(scope="module")
-def run():
-    """A tiny Llama with adapters and a trained extra, after two train steps."""
-    model = Llama(LlamaConfig.tiny())
-    sample = jnp.zeros((1, 16), jnp.int32)
-    base = jax.jit(model.init)(jax.random.key(0), sample)
-    cfg = lj.LoraConfig(rank=4, targets=("q_proj", "v_proj"), trainable=("lm_head/kernel",))
-    lora_model = lj.LoRA(model, cfg)
-    params = lj.init(lora_model, jax.random.key(1), sample, base_params=base)
-    tx = lj.optimizer(optax.adamw(1e-2), params)
-    step = lj.make_train_step(lora_model, lambda ap, b: causal_lm_loss(ap(b[:, :-1]), b[:, 1:]), tx)
-    batch = jax.random.randint(jax.random.key(2), (2, 17), 0, 256)
-    opt_state = step.init(params)
-    for _ in range(2):
-        params, opt_state, _ = step(params, opt_state, batch)
-    return dict(
-        model=model, base=base, cfg=cfg, lora_model=lora_model, params=params, step=step,
-        opt_state=opt_state, batch=batch, sample=sample,
-    )  # fmt: skip
-
-
-# --------------------------------------------------------------------------- config JSON
-
-
-CONFIGS = [
-    lj.LoraConfig(),
-    lj.LoraConfig(
-        rank=3,
-        alpha=7,
-        dropout=0.25,
-        targets=r".*/(q|v)_proj",
-        exclude=("layers_0/self_attn/q_proj",),
-        rank_pattern={"v_proj": 5, "layers_1/.*": 2},
-        alpha_pattern={"q_proj": 1.5},
-        use_rslora=True,
-        init="gaussian",
-        param_dtype=jnp.bfloat16,
-        trainable=("lm_head/kernel", ".*norm/scale"),
-    ),  # fmt: skip
-]
-if QuantConfig is not None:
-    CONFIGS.append(
-        lj.LoraConfig(
-            quantize=QuantConfig(fmt="int4", block_size=32, compute_dtype=jnp.float16, targets="x")
-        )
-    )
-
-
-@pytest.mark.parametrize("cfg", CONFIGS)
-def test_config_round_trips_exactly_through_json(cfg):
-    data = json.loads(json.dumps(config_to_dict(cfg)))
-    assert data["param_dtype"] == jnp.dtype(cfg.param_dtype).name
-    back = config_from_dict(data)
-    assert back == cfg
-    for f in dataclasses.fields(cfg):
-        assert type(getattr(back, f.name)) is type(getattr(cfg, f.name)), f.name
-
-
-def test_config_from_dict_names_unknown_field():
-    with pytest.raises(ValueError, match="LoraConfig has no field 'ranks'"):
-        config_from_dict({"ranks": 4})
-
-
-# --------------------------------------------------------------------------- adapter files
-
-
-def test_adapter_round_trip(run, tmp_path):
-    save_adapter(tmp_path / "ad", run["params"], run["cfg"])
-    params, cfg = load_adapter(tmp_path / "ad", run["base"])
-    assert cfg == run["cfg"]
-    assert trees_equal(params, run["params"])
-    x = run["batch"][:, :-1]
-    np.testing.assert_array_equal(
-        lj.LoRA(run["model"], cfg).apply(params, x), run["lora_model"].apply(run["params"], x)
-    )
-    params2, _ = load_adapter(tmp_path / "ad", run["base"]["params"])  # bare params work too
-    assert trees_equal(params2, params)
-
-
-def test_adapter_files_hold_only_trainable_leaves_and_a_fingerprint(run, tmp_path):
-    save_adapter(tmp_path, run["params"], run["cfg"])
-    tensors = dict(safetensors.deserialize((tmp_path / ADAPTER_FILE).read_bytes()))
-    flat = traverse_util.flatten_dict(run["params"], sep="/")
-    expected = {k for k in flat if k.endswith(("_lora_a", "_lora_b"))}
-    assert set(tensors) == expected | {"params/lm_head/kernel"}  # the records go to the JSON
-    assert "params/layers_0/self_attn/q_proj/kernel" not in tensors
-    desc = json.loads((tmp_path / ADAPTER_CONFIG_FILE).read_text())
-    assert desc["format"] == "lora_jax.adapter" and desc["lora_config"]["rank"] == 4
-    assert {a["param"] for a in desc["adapters"]} == {
-        f"layers_{i}/self_attn/{m}/kernel" for i in (0, 1) for m in ("q_proj", "v_proj")
-    }
-    assert {a["rank"] for a in desc["adapters"]} == {4} and desc["extras"] == ["lm_head/kernel"]
-    assert desc["lora_config"]["targets"] == ["q_proj", "v_proj"]
-    assert desc["tensors"]["bytes"] == (tmp_path / ADAPTER_FILE).stat().st_size
-    leaves = desc["base_model"]["leaves"]
-    frozen = {k for k in flat if k.startswith("params/") and k not in tensors}
-    assert set(desc["base_model"]["probes"]) <= {a["param"] for a in desc["adapters"]}
-    assert set(leaves) == frozen
-    assert leaves["params/embed_tokens/embedding"] == {"shape": [256, 64], "dtype": "float32"}
-    assert len(desc["base_model"]["sha256"]) == 64
-
-
-@struct.dataclass
-class FakeQuantized:
-    """Stands in for lora_jax.quant.QuantizedTensor: a pytree node with a logical shape/dtype."""
-
-    codes: jax.Array
-    shape: tuple = struct.field(pytree_node=False)
-    dtype: object = struct.field(pytree_node=False)
-
-
-def test_adapter_fingerprint_uses_logical_shape_of_quantized_leaves(run, tmp_path):
-    flat = traverse_util.flatten_dict(run["params"], sep="/")
-    path = "params/layers_0/mlp/up_proj/kernel"
-    flat[path] = FakeQuantized(jnp.zeros((32, 128), jnp.uint8), (64, 128), jnp.dtype("bfloat16"))
-    save_adapter(tmp_path, traverse_util.unflatten_dict(flat, sep="/"), run["cfg"])
-    desc = json.loads((tmp_path / ADAPTER_CONFIG_FILE).read_text())
-    assert desc["base_model"]["leaves"][path] == {"shape": [64, 128], "dtype": "bfloat16"}
-    params, _ = load_adapter(tmp_path, run["base"])  # the dense base fits: same shapes
-    assert trees_equal(params, run["params"])
-
-
-def test_load_adapter_onto_another_base_names_the_paths(run, tmp_path):
-    save_adapter(tmp_path, run["params"], run["cfg"])
-    flat = traverse_util.flatten_dict(run["base"], sep="/")
-    flat["params/layers_1/self_attn/q_proj/kernel"] = jnp.zeros((64, 32))
-    del flat["params/norm/scale"]
-    other = traverse_util.unflatten_dict(flat, sep="/")
-    with pytest.raises(ValueError, match="another base model") as e:
-        load_adapter(tmp_path, other)
-    assert "'params/layers_1/self_attn/q_proj/kernel' has shape (64, 32)" in str(e.value)
-    assert "'params/norm/scale' is missing" in str(e.value)
-    bigger = jax.eval_shape(
-        Llama(LlamaConfig.tiny(hidden_size=128)).init, jax.random.key(0), run["sample"]
-    )
-    with pytest.raises(ValueError, match=r"'params/embed_tokens/embedding' has shape \(256, 128\)"):
-        load_adapter(tmp_path, bigger)
-
-
-def _truncate(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-
-def _flip(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x40
-    path.write_bytes(bytes(data))
-
-
-@pytest.mark.parametrize(
-    "damage, file, message",
-    [
-        (_truncate, ADAPTER_FILE, "corrupted or truncated"),
-        (_flip, ADAPTER_FILE, "corrupted or truncated"),
-        (os.remove, ADAPTER_FILE, "missing"),
-        (_truncate, ADAPTER_CONFIG_FILE, "not valid JSON"),
-        (lambda p: p.write_text("[]"), ADAPTER_CONFIG_FILE, "not a lora_jax adapter"),
-    ],
-)
-def test_damaged_adapter_files_raise_naming_the_file(run, tmp_path, damage, file, message):
-    save_adapter(tmp_path, run["params"], run["cfg"])
-    damage(tmp_path / file)
-    with pytest.raises(ValueError, match=message) as e:
-        load_adapter(tmp_path, run["base"])
-    assert str(tmp_path / file) in str(e.value)
-
-
-def test_save_adapter_checks_its_inputs(run, tmp_path):
-    with pytest.raises(ValueError, match="'lora' collection"):
-        save_adapter(tmp_path, run["params"]["params"], run["cfg"])
-    other = dataclasses.replace(run["cfg"], rank=8)
-    with pytest.raises(
-        ValueError, match="'params/layers_0/self_attn/q_proj/kernel_lora_a' has rank 4"
-    ):
-        save_adapter(tmp_path, run["params"], other)
-    with pytest.raises(ValueError, match="'params/lm_head/kernel' is frozen"):
-        save_adapter(tmp_path, run["params"], dataclasses.replace(run["cfg"], trainable=()))
-
-
-# --------------------------------------------------------------------------- train state
-
-
-def test_train_state_round_trip_survives_donation(run, tmp_path):
-    params, opt_state, step = run["params"], run["opt_state"], run["step"]
+def test_train_state_round_trip_survives_donation(llama_run, tmp_path):
+    params, opt_state, step = llama_run["params"], llama_run["opt_state"], llama_run["step"]
     params, opt_state = jax.tree.map(jnp.copy, (params, opt_state))  # the fixture's stay intact
-    trainable, frozen = lj.partition(params)
+    trainable, _frozen = lj.partition(params)
     saved = jax.tree.map(np.array, (trainable, opt_state))
-    key, cfg = jax.random.key(9), run["cfg"]
+    key, cfg = jax.random.key(9), llama_run["cfg"]
     with CheckpointManager(tmp_path, max_to_keep=None) as mgr:
         assert mgr.latest_step() is None
         mgr.save(3, trainable, opt_state, rng=key, data_state={"pos": [1, 2]}, config=cfg)
         for _ in range(2):  # donates the saved buffers while the save may be in flight
-            params, opt_state, _ = step(params, opt_state, run["batch"])
+            params, opt_state, _ = step(params, opt_state, llama_run["batch"])
         mgr.wait()
     with CheckpointManager(tmp_path) as mgr:  # a new manager finds it
         state = mgr.restore(trainable_like=trainable, opt_state_like=opt_state, config=cfg)
@@ -240,15 +54,15 @@ def test_train_state_round_trip_survives_donation(run, tmp_path):
     np.testing.assert_array_equal(jax.random.key_data(state.rng), jax.random.key_data(key))
 
 
-def test_keeps_the_latest_and_steps_increase(run, tmp_path):
-    trainable, opt_state = lj.partition(run["params"])[0], run["opt_state"]
+def test_keeps_the_latest_and_steps_increase(llama_run, tmp_path):
+    trainable, opt_state = lj.partition(llama_run["params"])[0], llama_run["opt_state"]
     with CheckpointManager(tmp_path, max_to_keep=2) as mgr:
         mgr.save(3, trainable, opt_state)
         mgr.save(5, trainable, opt_state, rng=jax.random.PRNGKey(1))
         mgr.save(8, trainable, opt_state)
         mgr.wait()
         assert mgr.all_steps() == [5, 8] and mgr.latest_step() == 8
-        with pytest.raises(ValueError, match="Cannot save step 8 .* already holds step 8"):
+        with pytest.raises(ValueError, match=r"Cannot save step 8 .* already holds step 8"):
             mgr.save(8, trainable, opt_state)
         state = mgr.restore(trainable_like=trainable, opt_state_like=opt_state)
         assert (state.step, state.rng, state.data_state, state.config) == (8, None, None, None)
@@ -258,8 +72,8 @@ def test_keeps_the_latest_and_steps_increase(run, tmp_path):
         assert mgr.all_steps() == [5]
 
 
-def test_boxed_leaves_come_back_in_their_boxes(run, tmp_path):
-    trainable = lj.partition(run["params"])[0]
+def test_boxed_leaves_come_back_in_their_boxes(llama_run, tmp_path):
+    trainable = lj.partition(llama_run["params"])[0]
     boxed = jax.tree.map(lambda v: nn.Partitioned(v, names=(None,) * v.ndim), trainable)
     opt_state = optax.sgd(0.1, momentum=0.9).init(trainable)
     with CheckpointManager(tmp_path) as mgr:
@@ -270,27 +84,30 @@ def test_boxed_leaves_come_back_in_their_boxes(run, tmp_path):
     assert trees_equal(nn.unbox(state.trainable), trainable)
 
 
-def test_frozen_leaves_are_never_saved(run, tmp_path):
+def test_frozen_leaves_are_never_saved(llama_run, tmp_path):
     with CheckpointManager(tmp_path) as mgr:
         with pytest.raises(TypeError, match="pass the trainable half"):
-            mgr.save(1, run["params"], run["opt_state"])
-        trainable, frozen = lj.partition(run["params"])
+            mgr.save(1, llama_run["params"], llama_run["opt_state"])
+        trainable, frozen = lj.partition(llama_run["params"])
         with pytest.raises(ValueError, match="'params/norm/scale' is frozen"):
             both = lj.combine(trainable, {"params": {"norm": frozen["params"]["norm"]}})
-            mgr.save(1, both, run["opt_state"], config=run["cfg"])
+            mgr.save(1, both, llama_run["opt_state"], config=llama_run["cfg"])
         with pytest.raises(TypeError, match="data_state must be JSON data"):
-            mgr.save(1, trainable, run["opt_state"], data_state=object())
+            mgr.save(1, trainable, llama_run["opt_state"], data_state=object())
         assert mgr.all_steps() == []
 
 
-def test_restore_with_another_config_names_fields_and_paths(run, tmp_path):
-    trainable = lj.partition(run["params"])[0]
+def test_restore_with_another_config_names_fields_and_paths(llama_run, tmp_path):
+    trainable = lj.partition(llama_run["params"])[0]
     with CheckpointManager(tmp_path) as mgr:
-        mgr.save(1, trainable, run["opt_state"], config=run["cfg"])
+        mgr.save(1, trainable, llama_run["opt_state"], config=llama_run["cfg"])
         mgr.wait()
-        cfg = dataclasses.replace(run["cfg"], rank=8, targets=("q_proj", "k_proj"))
+        cfg = dataclasses.replace(llama_run["cfg"], rank=8, targets=("q_proj", "k_proj"))
         params = lj.init(
-            lj.LoRA(run["model"], cfg), jax.random.key(1), run["sample"], base_params=run["base"]
+            lj.LoRA(llama_run["model"], cfg),
+            jax.random.key(1),
+            llama_run["sample"],
+            base_params=llama_run["base"],
         )
         other = lj.partition(params)[0]
         opt_state = lj.optimizer(optax.adamw(1e-2), params).init(other)
@@ -309,10 +126,12 @@ def test_restore_with_another_config_names_fields_and_paths(run, tmp_path):
             "'trainable/params/layers_0/self_attn/v_proj/kernel_lora_b' is in the checkpoint" in msg
         )
         sgd = optax.sgd(0.1).init(trainable)
-        with pytest.raises(ValueError, match="'opt_state/.*/mu/params/.*/kernel_lora_a' is in the"):
+        with pytest.raises(
+            ValueError, match=r"'opt_state/.*/mu/params/.*/kernel_lora_a' is in the"
+        ):
             mgr.restore(trainable_like=trainable, opt_state_like=sgd)
         with pytest.raises(ValueError, match=r"No checkpoint of step 2 .* \(steps: \[1\]\)"):
-            mgr.restore(2, trainable_like=trainable, opt_state_like=run["opt_state"])
+            mgr.restore(2, trainable_like=trainable, opt_state_like=llama_run["opt_state"])
 
 
 def _largest_file(directory: Path) -> Path:
@@ -322,17 +141,19 @@ def _largest_file(directory: Path) -> Path:
 @pytest.mark.parametrize(
     "damage, message",
     [
-        (lambda d: _truncate(_largest_file(d / "state")), "is damaged"),
-        (lambda d: _flip(_largest_file(d / "state")), "is damaged"),
+        (lambda d: truncate(_largest_file(d / "state")), "is damaged"),
+        (lambda d: flip(_largest_file(d / "state")), "is damaged"),
         (lambda d: (d / "meta" / "metadata").write_text('{"format": '), "is damaged: its 'meta'"),
     ],
 )
 # When a read fails, orbax leaves its other reads' coroutines to the garbage collector, which
 # reports them as unraisable exceptions: collected at the end of this test, and ignored.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_damaged_checkpoint_raises_and_earlier_ones_still_restore(run, tmp_path, damage, message):
+def test_damaged_checkpoint_raises_and_earlier_ones_still_restore(
+    llama_run, tmp_path, damage, message
+):
     trainable = jax.tree.map(
-        lambda v: jnp.tile(v, (1, 8)) if v.ndim == 2 else v, lj.partition(run["params"])[0]
+        lambda v: jnp.tile(v, (1, 8)) if v.ndim == 2 else v, lj.partition(llama_run["params"])[0]
     )
     opt_state = optax.sgd(0.1).init(trainable)
     with CheckpointManager(tmp_path) as mgr:
@@ -348,14 +169,14 @@ def test_damaged_checkpoint_raises_and_earlier_ones_still_restore(run, tmp_path,
     gc.collect()
 
 
-def test_interrupted_save_is_skipped(run, tmp_path):
-    trainable = lj.partition(run["params"])[0]
+def test_interrupted_save_is_skipped(llama_run, tmp_path):
+    trainable = lj.partition(llama_run["params"])[0]
     with CheckpointManager(tmp_path) as mgr:
-        mgr.save(1, trainable, run["opt_state"])
+        mgr.save(1, trainable, llama_run["opt_state"])
     (tmp_path / "2.orbax-checkpoint-tmp-123").mkdir()  # what a crash during a save leaves
     with CheckpointManager(tmp_path) as mgr:
         assert mgr.all_steps() == [1]
-        mgr.save(2, trainable, run["opt_state"])
+        mgr.save(2, trainable, llama_run["opt_state"])
         mgr.wait()
         assert mgr.all_steps() == [1, 2]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]  # removed before the save
@@ -379,7 +200,60 @@ def test_restore_onto_one_device_and_onto_a_2x4_mesh(tmp_path):
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr
 
 
-# --------------------------------------------------------------------------- faults
+def test_restore_onto_a_sharding_that_does_not_divide_says_so(tmp_path):
+    trainable = {"params": {"q": {"kernel_lora_a": jnp.ones((6, 3))}}}
+    opt_state = optax.sgd(0.1).init(trainable)
+    with lj.CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, trainable, opt_state)
+        mgr.wait()
+        mesh = jax.make_mesh((4,), ("x",), devices=jax.devices()[:4])
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+        with pytest.raises(
+            ValueError,
+            match=r"do not divide .* Leaf 'trainable/params/q/kernel_lora_a' of shape \(6, 3\)",
+        ) as e:
+            mgr.restore(trainable_like=trainable, opt_state_like=opt_state, shardings=sharding)
+        assert "damaged" not in str(e.value)
+
+
+# -------------------------------------------------------------------------- one writer
+
+
+def test_a_second_manager_only_reads_and_keeps_the_first_ones_save(tmp_path):
+    trainable = {"params": {"q": {"kernel_lora_a": jnp.ones((256, 256))}}}
+    opt_state = optax.sgd(0.1).init(trainable)
+    writer = lj.CheckpointManager(tmp_path)
+    writer.save(1, trainable, opt_state)
+    reader = lj.CheckpointManager(tmp_path)  # opened while the save may be in flight
+    assert reader.read_only and not writer.read_only
+    with pytest.raises(ValueError, match=r"another CheckpointManager .* is writing there"):
+        reader.save(2, trainable, opt_state)
+    writer.close()
+    assert writer.all_steps() == [1]
+    assert reader.restore(trainable_like=trainable, opt_state_like=opt_state).step == 1
+    reader.close()
+    again = lj.CheckpointManager(tmp_path)  # the writer closed: a new manager writes again
+    assert not again.read_only
+    again.close()
+
+
+def test_exit_without_close_commits_the_last_save(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {str(ROOT)!r})
+        import jax.numpy as jnp, optax, lora_jax as lj
+        t = {{"params": {{"q": {{"kernel_lora_a": jnp.ones((512, 512))}}}}}}
+        mgr = lj.CheckpointManager({str(tmp_path)!r})
+        mgr.save(7, t, optax.sgd(0.1).init(t))
+        print("exiting")
+    """)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert lj.CheckpointManager(tmp_path).all_steps() == [7]
+
+
+# ------------------------------------------------------------------------------ faults
 
 
 def _worker(cache: Path, *args: str) -> subprocess.Popen:
@@ -429,22 +303,3 @@ def test_kill_during_save_resumes_from_last_complete_checkpoint_bitwise(tmp_path
     assert {i: ref[i] for i in before} == before  # the killed run, up to the kill
     assert {i: ref[i] for i in after} == after  # the resumed run: bit for bit
     assert sorted(p.name for p in ckpt.iterdir()) == ["12", "16"]  # tmp dir removed
-
-
-def test_qlora_adapter_loads_onto_dense_and_quantized_bases(tmp_path):
-    """The returned config describes the base it was loaded onto, so the pair works."""
-    model = Llama(LlamaConfig.tiny(num_layers=1))
-    tokens = jnp.zeros((1, 8), jnp.int32)
-    base = model.init(jax.random.key(0), tokens)
-    cfg = lj.LoraConfig(rank=2, targets=("q_proj",), quantize=lj.QuantConfig(compute_dtype=jnp.float32))
-    params = lj.init(lj.LoRA(model, cfg), jax.random.key(1), tokens, base_params=base)
-    save_adapter(tmp_path, params, cfg)
-    dense, dense_cfg = load_adapter(tmp_path, base)
-    assert dense_cfg.quantize is None
-    lj.LoRA(model, dense_cfg).apply(dense, tokens)
-    quantized_base = lj.merge(lj.init(lj.LoRA(model, cfg), jax.random.key(1), tokens, base_params=base),
-                              requantize=True)[0]
-    loaded, loaded_cfg = load_adapter(tmp_path, quantized_base)
-    assert loaded_cfg.quantize.targets == ("layers_0/self_attn/q_proj",)
-    out = lj.LoRA(model, loaded_cfg).apply(loaded, tokens)
-    np.testing.assert_allclose(out, lj.LoRA(model, cfg).apply(params, tokens), atol=1e-5)

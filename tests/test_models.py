@@ -19,15 +19,23 @@ from lora_jax.models import (
 )
 
 IDS = jax.random.randint(jax.random.key(0), (2, 12), 0, 256)
-PROJ = ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/o_proj",
-        "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")
+PROJ = (
+    "self_attn/q_proj",
+    "self_attn/k_proj",
+    "self_attn/v_proj",
+    "self_attn/o_proj",
+    "mlp/gate_proj",
+    "mlp/up_proj",
+    "mlp/down_proj",
+)
 
 
 def lively(params, seed=0, std=0.15):
     """Redraws every leaf (norm scales around 1), so attention is far from uniform."""
     rng = np.random.default_rng(seed)
     draw = lambda path, v: jnp.asarray(
-        (path[-1].key == "scale") + std * rng.standard_normal(v.shape), v.dtype)
+        (path[-1].key == "scale") + std * rng.standard_normal(v.shape), v.dtype
+    )
     return jax.tree_util.tree_map_with_path(draw, params)
 
 
@@ -46,7 +54,7 @@ def reference_logits(cfg, params, ids):
     rms = lambda x, w: w * x / np.sqrt(np.mean(x**2, -1, keepdims=True) + cfg.rms_norm_eps)
     inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, d, 2) / d)
     emb = np.concatenate([np.arange(s)[:, None] * inv_freq] * 2, -1)  # (seq, head_dim)
-    rotate_half = lambda x: np.concatenate([-x[..., d // 2:], x[..., : d // 2]], -1)
+    rotate_half = lambda x: np.concatenate([-x[..., d // 2 :], x[..., : d // 2]], -1)
     rope = lambda x: x * np.cos(emb) + rotate_half(x) * np.sin(emb)
     split = lambda x, n: x.reshape(b, s, n, d).transpose(0, 2, 1, 3)  # (batch, heads, seq, d)
     x = p["embed_tokens"]["embedding"][np.asarray(ids)]
@@ -63,14 +71,17 @@ def reference_logits(cfg, params, ids):
         x = x + (weights @ v).transpose(0, 2, 1, 3).reshape(b, s, h * d) @ attn["o_proj"]["kernel"]
         y = rms(x, layer["post_attention_layernorm"]["scale"])
         gate = y @ mlp["gate_proj"]["kernel"]
-        x = x + (gate / (1 + np.exp(-gate)) * (y @ mlp["up_proj"]["kernel"])) @ mlp[
-            "down_proj"]["kernel"]
+        x = (
+            x
+            + (gate / (1 + np.exp(-gate)) * (y @ mlp["up_proj"]["kernel"]))
+            @ mlp["down_proj"]["kernel"]
+        )
     x = rms(x, p["norm"]["scale"])
     return x @ (p["embed_tokens"]["embedding"].T if cfg.tie_embeddings else p["lm_head"]["kernel"])
 
 
 def test_logits_shape_and_dtype(tiny):
-    model, params, apply = tiny
+    _model, params, apply = tiny
     logits = apply(params, IDS)
     chex.assert_shape(logits, (2, 12, 256))
     assert logits.dtype == jnp.float32
@@ -80,14 +91,25 @@ def test_logits_shape_and_dtype(tiny):
 def test_param_paths_follow_hugging_face(tiny):
     model, params, _ = tiny
     shapes = {k: v.shape for k, v in leaves_by_path(params["params"]).items()}
-    expected = {"embed_tokens/embedding": (256, 64), "norm/scale": (64,),
-                "lm_head/kernel": (64, 256)}
-    dims = dict(q_proj=(64, 64), k_proj=(64, 32), v_proj=(64, 32), o_proj=(64, 64),
-                gate_proj=(64, 128), up_proj=(64, 128), down_proj=(128, 64))
+    expected = {
+        "embed_tokens/embedding": (256, 64),
+        "norm/scale": (64,),
+        "lm_head/kernel": (64, 256),
+    }
+    dims = dict(
+        q_proj=(64, 64),
+        k_proj=(64, 32),
+        v_proj=(64, 32),
+        o_proj=(64, 64),
+        gate_proj=(64, 128),
+        up_proj=(64, 128),
+        down_proj=(128, 64),
+    )
     for i in range(2):
         expected |= {f"layers_{i}/{m}/kernel": dims[m.split("/")[1]] for m in PROJ}
-        expected |= {f"layers_{i}/{n}/scale": (64,)
-                     for n in ("input_layernorm", "post_attention_layernorm")}
+        expected |= {
+            f"layers_{i}/{n}/scale": (64,) for n in ("input_layernorm", "post_attention_layernorm")
+        }
     assert shapes == expected
     fresh = leaves_by_path(model.init(jax.random.key(1), IDS)["params"])
     chex.assert_trees_all_equal(fresh["layers_1/post_attention_layernorm/scale"], jnp.ones(64))
@@ -97,8 +119,9 @@ def test_param_paths_follow_hugging_face(tiny):
 
 def test_matches_numpy_transcription_of_hugging_face(tiny):
     model, params, apply = tiny
-    np.testing.assert_allclose(apply(params, IDS), reference_logits(model.cfg, params, IDS),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        apply(params, IDS), reference_logits(model.cfg, params, IDS), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_tied_embeddings():
@@ -111,9 +134,16 @@ def test_tied_embeddings():
     np.testing.assert_allclose(logits, reference_logits(cfg, params, IDS), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name, overrides", [
-    ("tiny", {}), ("tiny", dict(tie_embeddings=True, head_dim=8)), ("small", {}),
-    ("llama_1b", {}), ("llama3_8b", {})])
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("tiny", {}),
+        ("tiny", dict(tie_embeddings=True, head_dim=8)),
+        ("small", {}),
+        ("llama_1b", {}),
+        ("llama3_8b", {}),
+    ],
+)
 def test_num_params_matches_init(name, overrides):
     cfg = getattr(LlamaConfig, name)(**overrides)
     shapes = jax.eval_shape(Llama(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
@@ -146,8 +176,9 @@ def test_gqa_equals_mha_with_repeated_kv_heads(num_kv_heads):
             kernel = attn[name]["kernel"].reshape(64, num_kv_heads, 16)
             attn[name]["kernel"] = jnp.repeat(kernel, 4 // num_kv_heads, axis=1).reshape(64, 64)
     mha = Llama(LlamaConfig.tiny(num_kv_heads=4))
-    np.testing.assert_allclose(jax.jit(mha.apply)(repeated, IDS), jax.jit(gqa.apply)(params, IDS),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        jax.jit(mha.apply)(repeated, IDS), jax.jit(gqa.apply)(params, IDS), atol=1e-5
+    )
 
 
 def test_rope_sees_only_relative_positions(tiny):
@@ -173,8 +204,9 @@ def test_bf16_runs_with_f32_logits(tiny):
     half = jax.tree.map(lambda v: v.astype(jnp.bfloat16), params)
     logits = jax.jit(Llama(cfg).apply)(half, IDS)
     assert logits.dtype == jnp.float32
-    assert_close(logits, apply(jax.tree.map(lambda v: v.astype(jnp.float32), half), IDS),
-                 jnp.bfloat16)
+    assert_close(
+        logits, apply(jax.tree.map(lambda v: v.astype(jnp.float32), half), IDS), jnp.bfloat16
+    )
 
 
 def test_presets_take_overrides_and_are_frozen():
@@ -189,18 +221,24 @@ def test_presets_take_overrides_and_are_frozen():
         LlamaConfig(256, 64, 128, 2, 4, 2)  # keyword-only
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (dict(num_kv_heads=3), r"LlamaConfig.num_kv_heads must divide num_heads \(4\), got 3\."),
-    (dict(num_layers=0), r"LlamaConfig.num_layers must be a positive int, got 0\."),
-    (dict(vocab_size=2.5), r"LlamaConfig.vocab_size must be a positive int, got 2.5\."),
-    (dict(max_seq_len=True), r"LlamaConfig.max_seq_len must be a positive int, got True\."),
-    (dict(hidden_size=66), r"LlamaConfig.hidden_size \(66\) must be divisible by num_heads \(4\)"),
-    (dict(head_dim=7), r"LlamaConfig.head_dim must be even, got 7\."),
-    (dict(rope_theta=0.0), r"LlamaConfig.rope_theta must be a positive number, got 0.0\."),
-    (dict(rms_norm_eps=-1e-6), r"LlamaConfig.rms_norm_eps must be a positive number"),
-    (dict(dtype=jnp.int8), r"LlamaConfig.dtype must be a floating dtype"),
-    (dict(param_dtype="nope"), r"LlamaConfig.param_dtype must be a floating dtype, got 'nope'"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(num_kv_heads=3), r"LlamaConfig.num_kv_heads must divide num_heads \(4\), got 3\."),
+        (dict(num_layers=0), r"LlamaConfig.num_layers must be a positive int, got 0\."),
+        (dict(vocab_size=2.5), r"LlamaConfig.vocab_size must be a positive int, got 2.5\."),
+        (dict(max_seq_len=True), r"LlamaConfig.max_seq_len must be a positive int, got True\."),
+        (
+            dict(hidden_size=66),
+            r"LlamaConfig.hidden_size \(66\) must be divisible by num_heads \(4\)",
+        ),
+        (dict(head_dim=7), r"LlamaConfig.head_dim must be even, got 7\."),
+        (dict(rope_theta=0.0), r"LlamaConfig.rope_theta must be a positive number, got 0.0\."),
+        (dict(rms_norm_eps=-1e-6), r"LlamaConfig.rms_norm_eps must be a positive number"),
+        (dict(dtype=jnp.int8), r"LlamaConfig.dtype must be a floating dtype"),
+        (dict(param_dtype="nope"), r"LlamaConfig.param_dtype must be a floating dtype, got 'nope'"),
+    ],
+)
 def test_config_errors(overrides, match):
     with pytest.raises(ValueError, match=match):
         LlamaConfig.tiny(**overrides)
@@ -235,6 +273,7 @@ def test_causal_lm_loss():
 
 # ------------------------------------------------------------------ scaling-out options
 
+
 def _value_and_grad(model, params):
     return jax.jit(jax.value_and_grad(lambda p: jnp.mean(model.apply(p, IDS) ** 2)))(params)
 
@@ -247,16 +286,21 @@ def tiny_grads(tiny):
 
 @pytest.mark.parametrize(
     "options",
-    [dict(scan_layers=True, remat=True), dict(remat=True),
-     dict(scan_layers=True, remat="dots_with_no_batch_dims_saveable")],
-    ids=["scan+remat", "remat", "scan+selective-remat"])
+    [
+        dict(scan_layers=True, remat=True),
+        dict(remat=True),
+        dict(scan_layers=True, remat="dots_with_no_batch_dims_saveable"),
+    ],
+    ids=["scan+remat", "remat", "scan+selective-remat"],
+)
 def test_scan_and_remat_compute_the_same_logits_and_grads(tiny, tiny_grads, options):
-    _, params, apply = tiny
+    _, params, _apply = tiny
     other = Llama(LlamaConfig.tiny(**options))
     scan = options.get("scan_layers", False)
     converted = stack_layers(params) if scan else params
     chex.assert_trees_all_equal_shapes(
-        converted, jax.eval_shape(other.init, jax.random.key(1), IDS))
+        converted, jax.eval_shape(other.init, jax.random.key(1), IDS)
+    )
     (expected, grads), (value, other_grads) = tiny_grads, _value_and_grad(other, converted)
     np.testing.assert_allclose(value, expected, rtol=1e-5)
     back = unstack_layers(other_grads) if scan else other_grads
@@ -281,13 +325,15 @@ def test_scan_stacks_params_on_a_leading_layer_axis(tiny):
     chex.assert_trees_all_equal(stack_layers(params["params"]), stack_layers(params)["params"])
     np.testing.assert_array_equal(
         stack_layers(params)["params"]["layers"]["mlp"]["up_proj"]["kernel"][1],
-        params["params"]["layers_1"]["mlp"]["up_proj"]["kernel"])
+        params["params"]["layers_1"]["mlp"]["up_proj"]["kernel"],
+    )
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
 def test_logical_axes_annotate_every_param(scan):
-    boxed = jax.eval_shape(Llama(LlamaConfig.tiny(logical_axes=True, scan_layers=scan)).init,
-                           jax.random.key(1), IDS)
+    boxed = jax.eval_shape(
+        Llama(LlamaConfig.tiny(logical_axes=True, scan_layers=scan)).init, jax.random.key(1), IDS
+    )
     flat = leaves_by_path(boxed["params"])
     assert all(isinstance(v, nn.LogicallyPartitioned) for v in flat.values())
     layer, stack = ("layers", ("layers",)) if scan else ("layers_0", ())
@@ -331,8 +377,11 @@ def test_layout_options_must_be_bools(name):
 
 
 def test_remat_takes_a_checkpoint_policy_by_name():
-    with pytest.raises(ValueError, match=r"LlamaConfig.remat must be a bool or the name of a "
-                       r"jax.checkpoint_policies policy \(nothing_saveable, .*got 'dots'\."):
+    with pytest.raises(
+        ValueError,
+        match=r"LlamaConfig.remat must be a bool or the name of a "
+        r"jax.checkpoint_policies policy \(nothing_saveable, .*got 'dots'\.",
+    ):
         LlamaConfig.tiny(remat="dots")
 
     def flops(remat):  # recomputation shows in the compiled gradient's FLOPs

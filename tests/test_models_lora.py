@@ -1,4 +1,5 @@
-"""LoRA on the reference Llama decoder: identity at init, merge equivalence, training."""
+"""LoRA on the reference Llama decoder: identity at init, merge equivalence, training, and
+scan-stacked layers (with remat, and with a 4-bit base)."""
 
 import chex
 import jax
@@ -6,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import assert_close, leaves_by_path, randomize_adapters
+from conftest import F32, QC, assert_close, leaves_by_path, randomize_adapters
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,13 +20,19 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 @pytest.mark.parametrize("tie", [False, True])
 @settings(max_examples=5)  # each example compiles a whole decoder
-@given(rank=st.integers(1, 8), alpha=st.floats(1.0, 32.0), rslora=st.booleans(),
-       dtype=st.sampled_from([jnp.float32, jnp.bfloat16]))
+@given(
+    rank=st.integers(1, 8),
+    alpha=st.floats(1.0, 32.0),
+    rslora=st.booleans(),
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+)
 def test_llama_identity_and_merge(tie, rank, alpha, rslora, dtype):
     model = Llama(LlamaConfig.tiny(tie_embeddings=tie, dtype=dtype, param_dtype=dtype))
     base = model.init(jax.random.key(1), IDS)
     targets = ALL_LINEAR + (("embed_tokens",) if tie else ("lm_head", "embed_tokens"))
-    lora_model = lj.LoRA(model, lj.LoraConfig(rank=rank, alpha=alpha, use_rslora=rslora, targets=targets))
+    lora_model = lj.LoRA(
+        model, lj.LoraConfig(rank=rank, alpha=alpha, use_rslora=rslora, targets=targets)
+    )
     params = lj.init(lora_model, jax.random.key(2), IDS, base_params=base)
     apply_lora, apply_base = jax.jit(lora_model.apply), jax.jit(model.apply)
     chex.assert_trees_all_equal(apply_lora(params, IDS), apply_base(base, IDS))
@@ -53,7 +60,9 @@ def test_llama_lora_training_lowers_loss_and_keeps_base():
     lora_model = lj.LoRA(model, lj.LoraConfig(rank=4, targets=ALL_LINEAR, dropout=0.1))
     params = lj.init(lora_model, jax.random.key(2), IDS, base_params=base)
     tx = lj.optimizer(optax.adamw(1e-2), params)
-    step = lj.make_train_step(lora_model, lambda apply, b: causal_lm_loss(apply(b[:, :-1]), b[:, 1:]), tx)
+    step = lj.make_train_step(
+        lora_model, lambda apply, b: causal_lm_loss(apply(b[:, :-1]), b[:, 1:]), tx
+    )
     opt_state = step.init(params)
     losses = []
     for i in range(15):
@@ -82,7 +91,8 @@ def _lifted_scopes_supported() -> bool:
 needs_lifted = pytest.mark.skipif(
     not _lifted_scopes_supported(),
     reason="the LoRA wrapper does not reach layers inside nn.scan / nn.remat yet "
-    "(layers.module_path and wrapper._intercept stop at a lifted scope's root)")
+    "(layers.module_path and wrapper._intercept stop at a lifted scope's root)",
+)
 LOSS = lambda apply, b: causal_lm_loss(apply(b[:, :-1]), b[:, 1:])
 
 
@@ -119,8 +129,11 @@ def test_scan_lora_equals_unrolled_lora_and_trains_alike():
     _, _, scan_model, scan_params = _lora(dict(scan_layers=True), base=stack_layers(base))
     stacked = stack_layers(unrolled)
     chex.assert_trees_all_equal_shapes(stacked, scan_params)
-    assert_close(jax.jit(scan_model.apply)(stacked, IDS), jax.jit(unrolled_model.apply)(unrolled, IDS),
-                 jnp.float32)
+    assert_close(
+        jax.jit(scan_model.apply)(stacked, IDS),
+        jax.jit(unrolled_model.apply)(unrolled, IDS),
+        jnp.float32,
+    )
     chex.assert_trees_all_close(lj.merge(stacked), stack_layers(lj.merge(unrolled)), atol=1e-6)
     runs = []
     for lora_model, params in ((unrolled_model, unrolled), (scan_model, stacked)):
@@ -145,12 +158,20 @@ def test_scan_train_step_makes_no_copy_of_the_stacked_base():
     add 1.6 MB to the scanned step's temp memory for 16.8 MB more kernels)."""
 
     def measure(layers, scan):
-        cfg = LlamaConfig.tiny(hidden_size=128, intermediate_size=512, num_layers=layers,
-                               num_heads=4, num_kv_heads=4, scan_layers=scan)
+        cfg = LlamaConfig.tiny(
+            hidden_size=128,
+            intermediate_size=512,
+            num_layers=layers,
+            num_heads=4,
+            num_kv_heads=4,
+            scan_layers=scan,
+        )
         ids = jnp.zeros((1, 9), jnp.int32)
         model = Llama(cfg)
-        base = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                            jax.eval_shape(model.init, jax.random.key(0), ids[:, :-1]))
+        base = jax.tree.map(
+            lambda s: jnp.zeros(s.shape, s.dtype),
+            jax.eval_shape(model.init, jax.random.key(0), ids[:, :-1]),
+        )
         lora_model = lj.LoRA(model, lj.LoraConfig(rank=4, targets=ALL_LINEAR))
         params = lj.init(lora_model, jax.random.key(1), ids[:, :-1], base_params=base)
         step = lj.make_train_step(lora_model, LOSS, lj.optimizer(optax.adam(1e-3), params))
@@ -161,3 +182,24 @@ def test_scan_train_step_makes_no_copy_of_the_stacked_base():
     unrolled, _ = measure(4, scan=False)
     scan, stack = measure(4, scan=True)
     assert scan < unrolled + stack / 2, (scan, unrolled, stack)
+
+
+def test_qlora_with_scan_stacked_layers():
+    """Under nn.scan every leaf of a stacked QuantizedTensor is sliced per layer."""
+    model = Llama(LlamaConfig.tiny(scan_layers=True))
+    tokens = jax.random.randint(jax.random.key(30), (2, 17), 0, 256)
+    base = model.init(jax.random.key(31), tokens[:, :-1])
+    cfg = lj.LoraConfig(targets=("q_proj", "v_proj"), quantize=QC(targets=".*_proj"))
+    lora = lj.LoRA(model, cfg)
+    params = lj.init(lora, jax.random.key(32), tokens[:, :-1], base_params=base)
+    kernel = params["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert isinstance(kernel, lj.QuantizedTensor) and kernel.lead_shape == (2,)
+    assert kernel.in_shape == (64,) and kernel.out_shape == (64,)
+    params = randomize_adapters(params, jax.random.key(33), 0.1)
+    merged = lj.merge(params)
+    assert_close(model.apply(merged, tokens[:, :-1]), lora.apply(params, tokens[:, :-1]), F32)
+    loss = lambda apply, b: causal_lm_loss(apply(b[:, :-1]), b[:, 1:])
+    step = lj.make_train_step(lora, loss, optax.adam(1e-2))
+    state, frozen = step.init(params), lj.partition(params)[1]
+    params, state, _ = step(params, state, tokens)
+    chex.assert_trees_all_equal(lj.partition(params)[1], frozen)

@@ -1,81 +1,37 @@
-"""Tests for the tree transforms in `lora_jax.tree`.
+"""Tests for `lora_jax.ops.merge`.
 
-Covers `labels`, `trainable_paths`, `partition`, `combine`, `merge` and `summary` on small
-Flax models: which leaves are trainable (adapters plus `LoraConfig.trainable` extras), exact
-partition/combine round trips, the structure, dtypes, values, sharding boxes and error
-messages of `merge`, exact parameter counts and bytes, and trees that hold integer and
-boolean leaves.
+Merging folds every adapter into the parameter it adapts and gives the base tree: its
+structure, dtypes, values and sharding boxes, under jit too, in float32 arithmetic for bf16
+kernels; wrongly shaped or orphaned adapters, missing records, a trainable half of another
+rank and integer kernels raise naming the path; integer and boolean leaves pass through; 4-bit
+kernels merge to dense ones, or are requantized with a `RequantizeReport` of what the 4-bit
+grid lost (zero for a zero delta), under jit too.
 """
 
 import re
-from typing import Any
 
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from conftest import assert_close, leaves_by_path, randomize_adapters
+from conftest import (
+    F32,
+    QC,
+    X6,
+    Boxed,
+    Layers,
+    assert_close,
+    build,
+    leaves_by_path,
+    query_value,
+    randomize_adapters,
+)
 
 import lora_jax as lj
-
-X = jax.random.normal(jax.random.key(0), (2, 6))
-ADAPTERS = frozenset({
-    "params/query/kernel_lora_a",
-    "params/query/kernel_lora_b",
-    "params/value/kernel_lora_a",
-    "params/value/kernel_lora_b",
-})
-
-
-class Net(nn.Module):
-    """query (6 -> 8), LayerNorm, value (8 -> 4), head (4 -> 3)."""
-
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        kw = dict(param_dtype=self.param_dtype)
-        h = nn.Dense(8, name="query", **kw)(x)
-        h = nn.LayerNorm(name="norm", param_dtype=self.param_dtype)(h)
-        h = nn.Dense(4, name="value", **kw)(h)
-        return nn.Dense(3, name="head", **kw)(h)
-
-
-class Boxed(nn.Module):
-    """Kernels carrying sharding metadata: a Partitioned and a LogicallyPartitioned box."""
-
-    @nn.compact
-    def __call__(self, x):
-        init = nn.initializers.lecun_normal()
-        h = nn.Dense(8, name="query", kernel_init=nn.with_partitioning(init, (None, "model")))(x)
-        return nn.Dense(
-            4, name="value", kernel_init=nn.with_logical_partitioning(init, ("embed", "mlp"))
-        )(h)
-
-
-class Counters(nn.Module):
-    """Adapted Dense layers beside integer and boolean leaves in the "params" collection."""
-
-    @nn.compact
-    def __call__(self, x):
-        count = self.variable("params", "step_count", lambda: jnp.int32(3))
-        ids = self.param("ids", lambda key: jnp.arange(3, dtype=jnp.int32))
-        flag = self.param("flag", lambda key: jnp.array([True, False]))
-        h = nn.Dense(8, name="query")(x)
-        h = h + (count.value + ids.sum() + flag.sum()).astype(x.dtype)
-        return nn.Dense(4, name="value")(h)
-
-
-def _build(model=None, **cfg):
-    """(model, lora_model, base variables, LoRA variables) with rank-2 q/v adapters."""
-    model = Net() if model is None else model
-    base = model.init(jax.random.key(1), X)
-    lora_model = lj.LoRA(model, lj.LoraConfig(rank=2, targets=("query", "value"), **cfg))
-    params = lj.init(lora_model, jax.random.key(2), X, base_params=base)
-    return model, lora_model, base, params
+from lora_jax import quant
+from lora_jax.adapters import Adapter, Geometry
 
 
 def _copy_tree(tree):
@@ -83,121 +39,12 @@ def _copy_tree(tree):
     return jax.tree.map(lambda v: v, tree, is_leaf=lambda v: isinstance(v, nn.Partitioned))
 
 
-@pytest.fixture(scope="module")
-def net():
-    return _build()
-
-
-@pytest.fixture(scope="module")
-def counters():
-    return _build(Counters())
-
-
-# ----------------------------------------------------------------------------- labels
-
-
-def test_labels_mark_adapters_trainable_and_everything_else_frozen(net):
-    _, _, _, params = net
-    labels = lj.labels(params)
-    assert jax.tree.structure(labels) == jax.tree.structure(params)
-    flat = leaves_by_path(labels)
-    assert set(flat) == set(leaves_by_path(params))
-    assert {k for k, v in flat.items() if v == "trainable"} == ADAPTERS
-    assert {v for k, v in flat.items() if k not in ADAPTERS} == {"frozen"}
-    assert labels["lora"] == params["lora"]  # the records hold no arrays: kept as they are
-    assert lj.trainable_paths(params) == ADAPTERS
-
-
-@pytest.mark.parametrize(
-    "extras, expected",
-    [
-        (("norm/scale",), {"params/norm/scale"}),
-        (("head/kernel",), {"params/head/kernel"}),
-        (("norm/.*", "head/kernel"), {"params/norm/scale", "params/norm/bias", "params/head/kernel"}),
-    ],
-)
-def test_labels_include_trainable_extras(extras, expected):
-    _, _, _, params = _build(trainable=extras)
-    flat = leaves_by_path(lj.labels(params))
-    assert {k for k, v in flat.items() if v == "trainable"} == ADAPTERS | expected
-    assert lj.trainable_paths(params) == ADAPTERS | expected
-    # The markers that select the extras live in the "lora" collection; they hold no arrays.
-    markers = {k for k, v in leaves_by_path(params["lora"]).items()}
-    assert not markers
-    plan = lj.adapters.Plan.of(params)
-    assert plan.extras == expected
-
-
-def test_labels_drive_optax_multi_transform(net):
-    _, _, _, params = net
-    tx = optax.multi_transform(
-        {"trainable": optax.adam(0.1), "frozen": optax.set_to_zero()}, lj.labels(params)
-    )
-    state = tx.init(params)
-    grads = jax.tree.map(jnp.ones_like, params)
-    updates, _ = tx.update(grads, state, params)
-    chex.assert_trees_all_close(jax.jit(tx.update)(grads, state, params)[0], updates)
-    for path, u in leaves_by_path(updates).items():
-        if path in ADAPTERS:
-            assert bool(jnp.all(u != 0)), path
-        else:
-            np.testing.assert_array_equal(u, np.zeros_like(u), err_msg=path)
-    new = optax.apply_updates(params, updates)
-    before = leaves_by_path(params)
-    for path, value in leaves_by_path(new).items():
-        if path not in ADAPTERS:
-            np.testing.assert_array_equal(value, before[path], err_msg=path)
-
-
-# ------------------------------------------------------------------ partition / combine
-
-
-@pytest.mark.parametrize(
-    "extras, expected",
-    [((), set()), (("norm/scale",), {"params/norm/scale"}), (("head/kernel",), {"params/head/kernel"})],
-)
-def test_partition_combine_round_trip(extras, expected):
-    _, _, _, params = _build(trainable=extras)
-    trainable, frozen = lj.partition(params)
-    flat, tr, fr = leaves_by_path(params), leaves_by_path(trainable), leaves_by_path(frozen)
-    assert set(tr) == ADAPTERS | expected == lj.trainable_paths(params)
-    assert not set(tr) & set(fr)
-    assert set(tr) | set(fr) == set(flat)
-    for back in (lj.combine(trainable, frozen), lj.combine(frozen, trainable)):
-        chex.assert_trees_all_equal(back, params)
-        chex.assert_trees_all_equal_structs(back, params)
-        for path, value in leaves_by_path(back).items():
-            assert value is flat[path], path  # the very same arrays, no copies
-
-
-def test_partition_of_a_tree_without_adapters(net):
-    _, _, base, _ = net
-    trainable, frozen = lj.partition(base)
-    assert trainable == {}
-    chex.assert_trees_all_equal(frozen, base)
-    assert lj.combine(trainable, frozen) == frozen
-    assert lj.labels(base) == jax.tree.map(lambda _: "frozen", base)
-
-
-def test_combine_of_overlapping_trees_raises_naming_the_leaf(net):
-    _, _, _, params = net
-    trainable, frozen = lj.partition(params)
-    with pytest.raises(ValueError, match=re.escape("'params/query/kernel_lora_a' twice (4 shared")):
-        lj.combine(trainable, trainable)
-    extra = {"params": {"norm": {"scale": jnp.ones(8)}}}
-    with pytest.raises(ValueError, match=re.escape("'params/norm/scale' twice (1 shared")):
-        lj.combine(trainable, frozen, extra)
-
-
-# ------------------------------------------------------------------------------- merge
-
-
 def test_merge_without_adapters_returns_the_same_object(net):
     _, _, base, params = net
     assert lj.merge(base) is base
     merged = lj.merge(params)
     assert lj.merge(merged) is merged
-    boxed = Boxed().init(jax.random.key(0), X)
+    boxed = Boxed().init(jax.random.key(0), X6)
     assert lj.merge(boxed) is boxed
 
 
@@ -221,7 +68,7 @@ def test_merge_matches_the_base_tree_and_folds_the_delta(net):
     flat, merged_flat = leaves_by_path(params), leaves_by_path(merged)
     for path in ("params/norm/scale", "params/head/kernel", "params/query/bias"):
         assert merged_flat[path] is flat[path]  # untouched leaves are passed through
-    assert_close(model.apply(merged, X), lora_model.apply(params, X), jnp.float32)
+    assert_close(model.apply(merged, X6), lora_model.apply(params, X6), jnp.float32)
 
 
 def test_merge_under_jit(net):
@@ -246,8 +93,8 @@ def test_merge_of_bf16_computes_in_float32_and_casts_back():
     lora_model = lj.LoRA(
         model, lj.LoraConfig(rank=3, alpha=6.0, targets=("layer",), param_dtype=jnp.bfloat16)
     )
-    base = model.init(jax.random.key(0), X)
-    params = lj.init(lora_model, jax.random.key(1), X, base_params=base)
+    base = model.init(jax.random.key(0), X6)
+    params = lj.init(lora_model, jax.random.key(1), X6, base_params=base)
     params = randomize_adapters(params, jax.random.key(2))
     p = params["params"]["layer"]
     assert p["kernel"].dtype == p["kernel_lora_a"].dtype == jnp.bfloat16
@@ -259,6 +106,44 @@ def test_merge_of_bf16_computes_in_float32_and_casts_back():
     # Rounding each product to bf16 first gives a different (worse) kernel.
     naive = p["kernel"] + jnp.bfloat16(2.0) * (p["kernel_lora_a"] @ p["kernel_lora_b"])
     assert not np.array_equal(np.asarray(naive, np.float32), np.asarray(expected, np.float32))
+
+
+def test_merge_keeps_partitioning_boxes():
+    model, lora_model, base, params = build(Boxed())
+    # The boxes survive lj.init itself: base leaves come back as the very same objects.
+    for name, box_type in (("query", nn.Partitioned), ("value", nn.LogicallyPartitioned)):
+        assert isinstance(params["params"][name]["kernel"], box_type)
+        assert params["params"][name]["kernel"] is base["params"][name]["kernel"]
+    params = randomize_adapters(params, jax.random.key(6))
+    for merged in (lj.merge(params), jax.jit(lj.merge)(params)):
+        chex.assert_trees_all_equal_structs(merged, base)
+        chex.assert_trees_all_equal_shapes(merged, base)
+        chex.assert_trees_all_equal_dtypes(merged, base)
+        query, value = merged["params"]["query"]["kernel"], merged["params"]["value"]["kernel"]
+        assert type(query) is nn.Partitioned and query.names == (None, "model")
+        assert type(value) is nn.LogicallyPartitioned and value.names == ("embed", "mlp")
+        p = params["params"]["query"]
+        expected = p["kernel"].value + 8.0 * (p["kernel_lora_a"].value @ p["kernel_lora_b"].value)
+        np.testing.assert_allclose(query.value, expected, rtol=1e-5, atol=1e-5)
+        assert_close(model.apply(merged, X6), lora_model.apply(params, X6), jnp.float32)
+
+
+def test_non_float_leaves_survive_merge(counters):
+    model, lora_model, base, params = counters
+    params = randomize_adapters(params, jax.random.key(7))
+    for merged in (lj.merge(params), jax.jit(lj.merge)(params)):
+        chex.assert_trees_all_equal_structs(merged, base)
+        chex.assert_trees_all_equal_dtypes(merged, base)
+        for name in ("step_count", "ids", "flag"):
+            np.testing.assert_array_equal(merged["params"][name], base["params"][name])
+        assert_close(model.apply(merged, X6), lora_model.apply(params, X6), jnp.float32)
+    assert lj.merge(params)["params"]["flag"] is base["params"]["flag"]
+    s = lj.summary(params)
+    assert s.total_params - s.trainable_params == (6 * 8 + 8) + (8 * 4 + 4) + 1 + 3 + 2
+    assert s.total_bytes - s.trainable_bytes == 4 * ((6 * 8 + 8) + (8 * 4 + 4) + 1 + 3) + 2
+
+
+# ------------------------------------------------------------------------------ errors
 
 
 def test_merge_of_a_wrongly_shaped_adapter_raises_naming_the_kernel(net):
@@ -296,114 +181,86 @@ def test_merge_of_b_without_a_raises(net):
         lj.merge(orphan)
 
 
-def test_merge_keeps_partitioning_boxes():
-    model, lora_model, base, params = _build(Boxed())
-    # The boxes survive lj.init itself: base leaves come back as the very same objects.
-    for name, box_type in (("query", nn.Partitioned), ("value", nn.LogicallyPartitioned)):
-        assert isinstance(params["params"][name]["kernel"], box_type)
-        assert params["params"][name]["kernel"] is base["params"][name]["kernel"]
-    params = randomize_adapters(params, jax.random.key(6))
-    for merged in (lj.merge(params), jax.jit(lj.merge)(params)):
-        chex.assert_trees_all_equal_structs(merged, base)
-        chex.assert_trees_all_equal_shapes(merged, base)
-        chex.assert_trees_all_equal_dtypes(merged, base)
-        query, value = merged["params"]["query"]["kernel"], merged["params"]["value"]["kernel"]
-        assert type(query) is nn.Partitioned and query.names == (None, "model")
-        assert type(value) is nn.LogicallyPartitioned and value.names == ("embed", "mlp")
-        p = params["params"]["query"]
-        expected = p["kernel"].value + 8.0 * (p["kernel_lora_a"].value @ p["kernel_lora_b"].value)
-        np.testing.assert_allclose(query.value, expected, rtol=1e-5, atol=1e-5)
-        assert_close(model.apply(merged, X), lora_model.apply(params, X), jnp.float32)
+def test_trainable_half_of_another_rank_is_refused_by_merge_and_apply():
+    _, _, lora_model, params = query_value()
+    _, _, _, other = query_value(rank=4)
+    joined = lj.combine(lj.partition(other)[0], lj.partition(params)[1])
+    with pytest.raises(
+        ValueError,
+        match=r"Adapter leaf 'a' of 'params/query/kernel' has shape \(6, 4\) \(rank 4\) but its record says \(6, 2\) \(rank 2\)",
+    ):
+        lj.merge(joined)
+    with pytest.raises(ValueError, match=r"'params/query/kernel_lora_a' does not fit its adapter"):
+        lora_model.apply(joined, X6)
 
 
-# ----------------------------------------------------------------------------- summary
+def test_merge_refuses_an_integer_kernel():
+    _base, _cfg, _, params = query_value()
+    params = jax.tree.map(lambda v: v, params)
+    params["params"]["query"]["kernel"] = params["params"]["query"]["kernel"].astype(jnp.int32)
+    with pytest.raises(
+        ValueError, match=r"Parameter 'params/query/kernel' is int32: merging would truncate"
+    ):
+        lj.merge(params)
 
 
-def test_summary_counts_and_bytes_exactly():
-    _, _, _, params = _build(Net(param_dtype=jnp.bfloat16))  # bf16 base, float32 adapters
-    adapters = (6 * 2 + 2 * 8) + (8 * 2 + 2 * 4)  # query A, B; value A, B = 52
-    base = (6 * 8 + 8) + (8 + 8) + (8 * 4 + 4) + (4 * 3 + 3)  # query, norm, value, head = 123
-    s = lj.summary(params)
-    assert s == lj.Summary(
-        trainable_params=52, total_params=175, trainable_bytes=4 * 52, total_bytes=4 * 52 + 2 * 123
+# ----------------------------------------------------------------------- 4-bit kernels
+
+
+def test_merge_of_quantized_model():
+    model, x = Layers(), jax.random.normal(jax.random.key(15), (2, 3, 64))
+    base = model.init(jax.random.key(16), x)
+    lora = lj.LoRA(
+        model, lj.LoraConfig(targets=("dense", "join"), quantize=QC(block_size=32, targets=".*"))
     )
-    assert (s.trainable_params, s.total_params) == (adapters, adapters + base)
-    assert s.trainable_percent == pytest.approx(100 * 52 / 175)
-    text = str(s)
-    assert "trainable params: 52 || all params: 175" in text
-    assert "trainable params:" in text and "all params:" in text
-    # A trainable extra moves its count and its bf16 bytes over; "lora" leaves never count.
-    _, _, _, params = _build(Net(param_dtype=jnp.bfloat16), trainable=("norm/scale",))
-    assert lj.summary(params) == lj.Summary(
-        trainable_params=60, total_params=175, trainable_bytes=4 * 52 + 2 * 8, total_bytes=454
+    params = randomize_adapters(
+        lj.init(lora, jax.random.key(17), x, base_params=base), jax.random.key(18), 0.05
     )
+    merged = lj.merge(params)
+    kernels = {k: v for k, v in leaves_by_path(merged).items() if k.endswith("kernel")}
+    assert all(isinstance(v, jax.Array) and v.dtype == F32 for v in kernels.values())
+    assert jax.tree.structure(merged) == jax.tree.structure(base)
+    assert_close(model.apply(merged, x), lora.apply(params, x), F32)
 
 
-def test_summary_of_a_base_tree_has_nothing_trainable(net):
-    _, _, base, _ = net
-    assert lj.summary(base) == lj.Summary(
-        trainable_params=0, total_params=123, trainable_bytes=0, total_bytes=4 * 123
-    )
-    assert "trainable params: 0 || all params: 123" in str(lj.summary(base))
+def test_merge_requantize_reports_the_adapter_loss():
+    w = jax.random.normal(jax.random.key(19), (128, 64))
+    qt = quant.quantize_array(w, QC())
+    a = jax.random.normal(jax.random.key(20), (128, 4))
+    b = jax.random.normal(jax.random.key(21), (4, 64))
+    tree = lambda scale: {
+        "params": {"l": {"kernel": qt, "kernel_lora_a": a, "kernel_lora_b": b}},
+        "lora": {"l": {"kernel_lora": Adapter(Geometry((128, 64), 0, 1, 4), scale)}},
+    }
+    # A delta far below the 4-bit grid step is mostly lost; a large one mostly kept.
+    _, small = lj.merge(tree(1e-4), requantize=True)
+    merged, large = lj.merge(tree(1.0), requantize=True)
+    assert small.errors["params/l/kernel"] > 0.5 > 0.2 > large.worst
+    requantized = merged["params"]["l"]["kernel"]
+    assert isinstance(requantized, lj.QuantizedTensor) and requantized.fmt == "nf4"
+    assert "params/l/kernel" in str(large)
+    dense = lj.merge(tree(1.0))["params"]["l"]["kernel"]
+    expected = quant.dequantize(qt) + a @ b
+    chex.assert_trees_all_close(dense, expected, atol=1e-5)
 
 
-def test_summary_works_on_eval_shape_output(net):
-    _, lora_model, base, params = net
-    expected = lj.summary(params)
-    abstract = jax.eval_shape(lambda key: lj.init(lora_model, key, X), jax.random.key(0))
-    assert all(isinstance(v, jax.ShapeDtypeStruct) for v in jax.tree.leaves(abstract))
-    assert lj.summary(abstract) == expected
-    assert lj.summary(jax.eval_shape(lambda: params)) == expected
-    boxed = _build(Boxed())[3]
-    assert lj.summary(jax.eval_shape(lambda: boxed)) == lj.summary(boxed)
-    assert lj.summary(boxed).total_params == (6 * 8 + 8) + (8 * 4 + 4) + 6 * 2 + 2 * 8 + 8 * 2 + 2 * 4
+def test_requantizing_merge_works_under_jit():
+    qt = quant.quantize_array(jax.random.normal(jax.random.key(44), (64, 32)), QC())
+    tree = {
+        "params": {
+            "l": {
+                "kernel": qt,
+                "kernel_lora_a": jnp.ones((64, 2)),
+                "kernel_lora_b": jnp.ones((2, 32)),
+            }
+        },
+        "lora": {"l": {"kernel_lora": Adapter(Geometry((64, 32), 0, 1, 2), 0.5)}},
+    }
+    merged, report = jax.jit(lambda p: lj.merge(p, requantize=True))(tree)
+    assert isinstance(merged["params"]["l"]["kernel"], lj.QuantizedTensor) and report.worst >= 0
 
 
-# ------------------------------------------------------------------ non-float leaves
-
-
-def test_non_float_leaves_are_frozen_and_pass_through_partition_and_combine(counters):
-    _, _, _, params = counters
-    labels = leaves_by_path(lj.labels(params))
-    for path in ("params/step_count", "params/ids", "params/flag"):
-        assert labels[path] == "frozen"
-    assert lj.trainable_paths(params) == ADAPTERS
-    trainable, frozen = lj.partition(params)
-    assert {"step_count", "ids", "flag"} <= set(frozen["params"])
-    back = lj.combine(trainable, frozen)
-    chex.assert_trees_all_equal(back, params)
-    assert back["params"]["ids"] is params["params"]["ids"]
-
-
-def test_non_float_leaves_survive_merge(counters):
-    model, lora_model, base, params = counters
-    params = randomize_adapters(params, jax.random.key(7))
-    for merged in (lj.merge(params), jax.jit(lj.merge)(params)):
-        chex.assert_trees_all_equal_structs(merged, base)
-        chex.assert_trees_all_equal_dtypes(merged, base)
-        for name in ("step_count", "ids", "flag"):
-            np.testing.assert_array_equal(merged["params"][name], base["params"][name])
-        assert_close(model.apply(merged, X), lora_model.apply(params, X), jnp.float32)
-    assert lj.merge(params)["params"]["flag"] is base["params"]["flag"]
-    s = lj.summary(params)
-    assert s.total_params - s.trainable_params == (6 * 8 + 8) + (8 * 4 + 4) + 1 + 3 + 2
-    assert s.total_bytes - s.trainable_bytes == 4 * ((6 * 8 + 8) + (8 * 4 + 4) + 1 + 3) + 2
-
-
-def test_non_float_leaves_do_not_break_the_optimizer(counters):
-    _, _, _, params = counters
-    tx = lj.optimizer(optax.adam(1e-2), params)
-    grads = jax.tree.map(jnp.ones_like, params)  # int ones, bool True
-    for update in (tx.update, jax.jit(tx.update)):
-        updates, _ = update(grads, tx.init(params), params)
-        for name in ("step_count", "ids", "flag"):
-            u = updates["params"][name]
-            assert u.dtype == params["params"][name].dtype
-            assert not np.any(np.asarray(u)), name
-        new = optax.apply_updates(params, updates)
-        for name in ("step_count", "ids", "flag"):
-            np.testing.assert_array_equal(new["params"][name], params["params"][name])
-            assert new["params"][name].dtype == params["params"][name].dtype
-    half = lj.partition(params)[0]
-    updates, _ = tx.update(jax.tree.map(jnp.ones_like, half), tx.init(half), half)
-    assert set(leaves_by_path(updates)) == ADAPTERS
+def test_requantize_report_of_a_zero_delta_is_zero():
+    _, _, _, params = query_value(quantize=lj.QuantConfig(block_size=2, compute_dtype=jnp.float32))
+    _, report = lj.merge(params, requantize=True)  # B starts at zero: ΔW = 0
+    assert report.errors and all(float(e) == 0.0 for e in report.errors.values())

@@ -2,8 +2,8 @@
 
 The wrapped optimizer keeps state (Adam's mu and nu) for the trainable leaves only, gives
 frozen leaves updates that are exactly zero even when handed a whole-tree gradient, works
-on the whole tree and on its trainable half alike, and implements LoRA+ (B updates scaled by
-`loraplus_lr_ratio`).
+on the whole tree and on its trainable half alike, implements LoRA+ (B updates scaled by
+`loraplus_lr_ratio`), and leaves integer and boolean leaves as they are.
 """
 
 import chex
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import leaves_by_path
+from conftest import ADAPTERS, leaves_by_path
 
 import lora_jax as lj
 
@@ -98,7 +98,9 @@ def test_same_optimizer_works_on_the_trainable_half(any_params):
     tx = lj.optimizer(optax.adam(1e-2), params)
     half = lj.partition(params)[0]
     state = tx.init(half)
-    assert sum(v.size for v in jax.tree.leaves(state) if jnp.ndim(v) > 0) == 2 * _trainable_elements(params)
+    assert sum(
+        v.size for v in jax.tree.leaves(state) if jnp.ndim(v) > 0
+    ) == 2 * _trainable_elements(params)
     grads = jax.tree.map(lambda v: jnp.full_like(v, 0.5), params)
     half_grads = lj.partition(grads)[0]
     updates, _ = tx.update(half_grads, state, half)
@@ -149,3 +151,22 @@ def test_loraplus_ratio_one_changes_nothing(params):
 def test_invalid_loraplus_ratio_raises(params, ratio):
     with pytest.raises(ValueError, match="loraplus_lr_ratio must be positive"):
         lj.optimizer(optax.sgd(0.1), params, loraplus_lr_ratio=ratio)
+
+
+def test_non_float_leaves_do_not_break_the_optimizer(counters):
+    _, _, _, params = counters
+    tx = lj.optimizer(optax.adam(1e-2), params)
+    grads = jax.tree.map(jnp.ones_like, params)  # int ones, bool True
+    for update in (tx.update, jax.jit(tx.update)):
+        updates, _ = update(grads, tx.init(params), params)
+        for name in ("step_count", "ids", "flag"):
+            u = updates["params"][name]
+            assert u.dtype == params["params"][name].dtype
+            assert not np.any(np.asarray(u)), name
+        new = optax.apply_updates(params, updates)
+        for name in ("step_count", "ids", "flag"):
+            np.testing.assert_array_equal(new["params"][name], params["params"][name])
+            assert new["params"][name].dtype == params["params"][name].dtype
+    half = lj.partition(params)[0]
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, half), tx.init(half), half)
+    assert set(leaves_by_path(updates)) == ADAPTERS

@@ -1,11 +1,18 @@
-"""Every layer kind: adapter shapes, identity at init, merged equals unmerged, under jit."""
+"""Tests for `lora_jax.rules`: the layer-kind rules and their registry.
+
+Every layer kind (Dense, DenseGeneral, Einsum with and without batch axes, Embed, Conv):
+adapter shapes, identity at init, merged equals unmerged, under jit, bf16 bases with float32
+adapters, dropout on the adapter path only; kernels a rule cannot split are rejected; custom
+layers get rules through `register_rule`, and a custom layer with a bias but no `use_bias`
+cannot take the 4-bit forward.
+"""
 
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import assert_close, leaves_by_path, randomize_adapters
+from conftest import QC, assert_close, leaves_by_path, randomize_adapters
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -76,7 +83,8 @@ def _build(kind, sizes, dtype, **cfg):
 @given(sizes=dims, alpha=st.floats(0.5, 32.0), rslora=st.booleans(), dtype=dtypes)
 def test_merge_equals_unmerged(kind, sizes, alpha, rslora, dtype):
     model, lora_model, base, params, x, a_shape, b_shape = _build(
-        kind, sizes, dtype, alpha=alpha, use_rslora=rslora)
+        kind, sizes, dtype, alpha=alpha, use_rslora=rslora
+    )
     param = "embedding" if kind == "embed" else "kernel"
     flat = leaves_by_path(params)
     assert flat[f"params/layer/{param}_lora_a"].shape == a_shape
@@ -132,7 +140,9 @@ def test_bf16_base_with_fp32_adapters(kind):
 
 
 def test_dropout_only_with_rng():
-    model, lora_model, base, params, x, *_ = _build("dense", (2, 8, 4, 2, 2), jnp.float32, dropout=0.5)
+    model, lora_model, base, params, x, *_ = _build(
+        "dense", (2, 8, 4, 2, 2), jnp.float32, dropout=0.5
+    )
     params = randomize_adapters(params, jax.random.key(0))
     plain = lora_model.apply(params, x)
     chex.assert_trees_all_equal(plain, lora_model.apply(params, x))
@@ -140,22 +150,26 @@ def test_dropout_only_with_rng():
     assert not jnp.allclose(plain, dropped)
     # Dropout touches only the adapter path: with B = 0 the base output is unchanged.
     zero_b = jax.tree_util.tree_map_with_path(
-        lambda p, v: jnp.zeros_like(v) if "lora_b" in jax.tree_util.keystr(p) else v, params)
+        lambda p, v: jnp.zeros_like(v) if "lora_b" in jax.tree_util.keystr(p) else v, params
+    )
     chex.assert_trees_all_equal(
-        lora_model.apply(zero_b, x, rngs={"dropout": jax.random.key(1)}), model.apply(base, x))
+        lora_model.apply(zero_b, x, rngs={"dropout": jax.random.key(1)}), model.apply(base, x)
+    )
 
 
 def test_conv_groups_rejected():
     model = Holder(nn.Conv(4, (3,), feature_group_count=2))
     x = jnp.ones((1, 5, 4))
-    with pytest.raises(ValueError, match="'layer'.*feature_group_count"):
+    with pytest.raises(ValueError, match=r"'layer'.*feature_group_count"):
         lj.init(lj.LoRA(model, lj.LoraConfig(targets=("layer",))), jax.random.key(0), x)
 
 
 def test_einsum_with_permuted_kernel_rejected():
     model = Holder(nn.Einsum((4, 3), "bi,oi->bo"))
-    with pytest.raises(ValueError, match="'layer'.*ordered batch, contracted, output"):
-        lj.init(lj.LoRA(model, lj.LoraConfig(targets=("layer",))), jax.random.key(0), jnp.ones((2, 3)))
+    with pytest.raises(ValueError, match=r"'layer'.*ordered batch, contracted, output"):
+        lj.init(
+            lj.LoRA(model, lj.LoraConfig(targets=("layer",))), jax.random.key(0), jnp.ones((2, 3))
+        )
 
 
 class MyLinear(nn.Module):
@@ -168,7 +182,9 @@ class MyLinear(nn.Module):
 
 
 def test_custom_rule_registration():
-    lj.rules.register_rule(MyLinear, lj.rules.LinearRule(spec=lambda m, x, kw: ("...i", "io", "...o"), param="w"))
+    lj.rules.register_rule(
+        MyLinear, lj.rules.LinearRule(spec=lambda m, x, kw: ("...i", "io", "...o"), param="w")
+    )
     model = Holder(MyLinear(3))
     x = jnp.ones((2, 4))
     base = model.init(jax.random.key(0), x)
@@ -180,7 +196,27 @@ def test_custom_rule_registration():
 
 
 def test_register_rule_rejects_non_modules():
-    with pytest.raises(TypeError, match="flax.linen Module class"):
+    with pytest.raises(TypeError, match=r"flax.linen Module class"):
         lj.rules.register_rule(int, lj.rules.LinearRule(spec=lambda m, x, kw: ("i", "io", "o")))
-    with pytest.raises(TypeError, match="lora_jax.rules.Rule"):
+    with pytest.raises(TypeError, match=r"lora_jax.rules.Rule"):
         lj.rules.register_rule(MyLinear, object())
+
+
+class Custom(nn.Module):
+    """A linear layer with a bias but no `use_bias` and no `dtype`."""
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], 8))
+        return x @ w + self.param("bias", nn.initializers.ones, (8,))[None, :]
+
+
+def test_custom_layer_bias_without_use_bias_is_an_error():
+    lj.rules.register_rule(
+        Custom, lj.rules.LinearRule(spec=lambda m, x, kw: ("...i", "io", "...o"))
+    )
+    model, x = Custom(), jnp.ones((2, 64))
+    base = model.init(jax.random.key(0), x)
+    cfg = lj.LoraConfig(targets=".*", quantize=QC())
+    with pytest.raises(ValueError, match="has a 'bias' parameter but no `use_bias`"):
+        lj.init(lj.LoRA(model, cfg), jax.random.key(1), x, base_params=base)

@@ -5,7 +5,9 @@ while frozen leaves stay bit-identical and are returned as the very same arrays,
 deletes the caller's pretrained arrays when it donates buffers, traces once, applies LoRA
 dropout only when given an rng, returns aux, rejects a whole-tree optimizer state and
 non-LoRA modules, and gives the same result with a plain optax optimizer as with
-`lora_jax.optimizer`.
+`lora_jax.optimizer`. A non-finite loss skips its update (and is counted); an optimizer
+state of another rank and a loss that returns aux without `has_aux` are explained; a QLoRA
+model (4-bit base, dropout) trains with its frozen half unchanged.
 """
 
 import chex
@@ -15,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import leaves_by_path, randomize_adapters
+from conftest import QC, X6, leaves_by_path, query_value, randomize_adapters
 
 import lora_jax as lj
 from lora_jax.models import Llama, LlamaConfig, causal_lm_loss
@@ -109,7 +111,9 @@ def test_donation_never_deletes_pretrained_arrays_and_extras_train():
     assert scale_path in lj.trainable_paths(params)
     # init copies the extra, so that donating it cannot delete the caller's array
     assert params["params"]["norm"]["scale"] is not base["params"]["norm"]["scale"]
-    np.testing.assert_array_equal(params["params"]["norm"]["scale"], base["params"]["norm"]["scale"])
+    np.testing.assert_array_equal(
+        params["params"]["norm"]["scale"], base["params"]["norm"]["scale"]
+    )
     step = lj.make_train_step(lora_model, mse, lj.optimizer(optax.adam(1e-2), params))
     first_adapter = params["params"]["query"]["kernel_lora_a"]
     first_extra = params["params"]["norm"]["scale"]
@@ -131,7 +135,7 @@ def test_jitted_step_traces_once():
     step = lj.make_train_step(lora_model, counted, lj.optimizer(optax.adam(1e-2), params))
     params, opt_state, _ = _train(step, params, step.init(params), 4)
     # A new shape must retrace: the counter catches it (so it was counting).
-    with pytest.raises(AssertionError, match="retrac|trace"):
+    with pytest.raises(AssertionError, match=r"retrac|trace"):
         step(params, opt_state, (X[:4], Y[:4]))
     # With a dropout rng (new keys every step) it also traces once.
     chex.clear_trace_counter()
@@ -254,8 +258,10 @@ def test_boxed_params_keep_their_boxes_and_lower_works():
     params = lj.init(lora_model, jax.random.key(15), X, base_params=base)
     step = lj.make_train_step(lora_model, mse, optax.adam(1e-2))
     opt_state = step.init(params)
-    assert not any(isinstance(v, nn.LogicallyPartitioned)
-                   for v in jax.tree.leaves(opt_state, is_leaf=lambda v: isinstance(v, nn.Partitioned)))
+    assert not any(
+        isinstance(v, nn.LogicallyPartitioned)
+        for v in jax.tree.leaves(opt_state, is_leaf=lambda v: isinstance(v, nn.Partitioned))
+    )
     memory = step.lower(params, opt_state, BATCH).compile().memory_analysis()
     assert memory.argument_size_in_bytes > 0
     new, _, _ = step(params, opt_state, BATCH)
@@ -264,3 +270,74 @@ def test_boxed_params_keep_their_boxes_and_lower_works():
     assert query["kernel_lora_a"].names == ("embed", None)
     assert query["kernel_lora_b"].names == (None, "mlp")
     assert not np.array_equal(query["kernel_lora_a"].value, 0.0)
+
+
+def test_a_nan_loss_skips_the_update_and_is_counted():
+    _, _, lora_model, params = query_value()
+    loss_fn = lambda apply, b: jnp.mean((apply(b["x"]) - b["y"]) ** 2)
+    step = lj.make_train_step(
+        lora_model, loss_fn, lj.optimizer(optax.adam(1e-2), params), donate=False
+    )
+    state = step.init(params)
+    good = {"x": X6, "y": jnp.ones((2, 4))}
+    bad = {"x": X6.at[0, 0].set(jnp.nan), "y": jnp.ones((2, 4))}
+    new, new_state, loss = step(params, state, bad)
+    assert not np.isfinite(loss) and step.skipped(new_state) == 1
+    for path, v in leaves_by_path(lj.partition(new)[0]).items():
+        np.testing.assert_array_equal(v, leaves_by_path(lj.partition(params)[0])[path])
+    new, new_state, loss = step(new, new_state, good)
+    assert np.isfinite(loss) and step.skipped(new_state) == 1
+    assert not np.array_equal(
+        new["params"]["query"]["kernel_lora_b"], params["params"]["query"]["kernel_lora_b"]
+    )
+    raw = lj.make_train_step(
+        lora_model, loss_fn, optax.adam(1e-2), skip_nonfinite=False, donate=False
+    )
+    broken, _, _ = raw(params, raw.init(params), bad)
+    assert np.isnan(broken["params"]["query"]["kernel_lora_a"]).any()
+
+
+def test_optimizer_state_of_another_rank_names_the_leaves():
+    _, _, lora_model, params = query_value()
+    _, _, _, other = query_value(rank=4)
+    tx = optax.adam(1e-2)
+    step = lj.make_train_step(lora_model, lambda apply, b: jnp.mean(apply(b) ** 2), tx)
+    wrong = lj.make_train_step(lora_model, lambda apply, b: 0.0, tx).init(other)
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)opt_state does not fit the trainable leaves .* Leaf '.*mu/params/query/kernel_lora_a' has shape \(6, 4\)",
+    ):
+        step(params, wrong, X6)
+
+
+def test_loss_with_aux_without_has_aux_is_explained():
+    _, _, lora_model, params = query_value()
+    step = lj.make_train_step(
+        lora_model, lambda apply, b: (jnp.mean(apply(b)), {"n": 1}), optax.sgd(0.1)
+    )
+    with pytest.raises(
+        TypeError,
+        match=r"loss_fn returned a tuple of 2: return a scalar loss, or pass has_aux=True",
+    ):
+        step(params, step.init(params), X6)
+    step = lj.make_train_step(lora_model, lambda apply, b: apply(b), optax.sgd(0.1))
+    with pytest.raises(TypeError, match=r"must return a floating scalar loss, got shape \(2, 4\)"):
+        step(params, step.init(params), X6)
+
+
+def test_qlora_train_step_with_dropout(tiny_llama):
+    model, tokens, base = tiny_llama
+    cfg = lj.LoraConfig(
+        targets=("q_proj", "v_proj", "down_proj"), dropout=0.1, quantize=QC(targets=".*_proj")
+    )
+    lora = lj.LoRA(model, cfg)
+    params = lj.init(lora, jax.random.key(25), tokens, base_params=base)
+    loss = lambda apply, b: causal_lm_loss(apply(b[:, :-1]), b[:, 1:])
+    step = lj.make_train_step(lora, loss, lj.optimizer(optax.adam(1e-2), params))
+    state, frozen = step.init(params), lj.partition(params)[1]
+    losses = []
+    for i in range(4):
+        params, state, value = step(params, state, tokens, rng=jax.random.key(i))
+        losses.append(float(value))
+    assert losses[-1] < losses[0]
+    chex.assert_trees_all_equal(lj.partition(params)[1], frozen)

@@ -24,7 +24,9 @@ def test_raise_problems_lists_every_leaf_up_to_the_limit():
     with pytest.raises(ValueError, match=r"^Tree: Leaf 'a' is bad\.$"):
         _trees.raise_problems("Tree", ["Leaf 'a' is bad."])
     problems = [f"Leaf '{i}' is bad." for i in range(13)]
-    with pytest.raises(ValueError, match=r"\(13 problems\):\n  Leaf '0' is bad\.(.|\n)*\.\.\. and 3 more\.") as e:
+    with pytest.raises(
+        ValueError, match=r"\(13 problems\):\n  Leaf '0' is bad\.(.|\n)*\.\.\. and 3 more\."
+    ) as e:
         _trees.raise_problems("Tree", problems)
     assert "Leaf '10'" not in str(e.value)
     with pytest.raises(TypeError):
@@ -34,7 +36,9 @@ def test_raise_problems_lists_every_leaf_up_to_the_limit():
 
 
 def test_mirrored_matches_optimizer_moments_to_their_parameters():
-    params = {"params": {"q": {"kernel_lora_a": jnp.ones((4, 2)), "kernel_lora_b": jnp.ones((2, 4))}}}
+    params = {
+        "params": {"q": {"kernel_lora_a": jnp.ones((4, 2)), "kernel_lora_b": jnp.ones((2, 4))}}
+    }
     state = optax.adam(1e-3).init(params)
     flat = _trees.flat(params)
     found = {}

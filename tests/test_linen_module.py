@@ -1,0 +1,218 @@
+"""Tests for `lora_jax.linen.module`: the `LoRA` wrapper at apply time.
+
+A layer called twice gets one adapter; `invoke` runs other methods with the adapters; 4-bit
+layers give the values and gradients of their dequantized kernels, the base output at init and
+the kernel that merge writes; and the tree is checked against the config at apply: adapters of
+another rank or that the config does not target, missing records and leaves, quantized kernels
+under a dense config and the reverse, and bad arguments to `LoRA`.
+"""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import (
+    F32,
+    F32_REL_TOL,
+    QC,
+    X6,
+    X16,
+    BlockNet,
+    Layers,
+    QueryValue,
+    assert_close,
+    leaves_by_path,
+    query_value,
+    randomize_adapters,
+)
+
+import lora_jax as lj
+
+
+def test_shared_layer_gets_one_adapter_and_merges(block_base):
+    lora_model = lj.LoRA(BlockNet(), lj.LoraConfig(rank=2, targets=("query", "value", "head")))
+    params = randomize_adapters(
+        lj.init(lora_model, jax.random.key(1), X16, base_params=block_base), jax.random.key(2)
+    )
+    assert_close(
+        lora_model.apply(params, X16), BlockNet().apply(lj.merge(params), X16), jnp.float32
+    )
+
+
+class Encoder(nn.Module):
+    def setup(self):
+        self.query = nn.Dense(4)
+        self.head = nn.Dense(2)
+
+    def __call__(self, x):
+        return self.head(self.encode(x))
+
+    def encode(self, x):
+        return self.query(x)
+
+
+def test_invoke_runs_other_methods_with_adapters():
+    x = jnp.ones((3, 5))
+    base = Encoder().init(jax.random.key(0), x)
+    lora_model = lj.LoRA(Encoder(), lj.LoraConfig(rank=2, targets=("query",)))
+    params = randomize_adapters(
+        lj.init(lora_model, jax.random.key(1), x, base_params=base), jax.random.key(2)
+    )
+    encode = lambda m, x: m.invoke("encode", x)
+    adapted = lora_model.apply(params, x, method=encode)
+    assert_close(adapted, Encoder().apply(lj.merge(params), x, method=Encoder.encode), jnp.float32)
+    assert not jnp.allclose(adapted, Encoder().apply(base, x, method=Encoder.encode))
+
+
+# ------------------------------------------------------------------------ 4-bit layers
+
+
+@pytest.mark.parametrize("kernel", ["xla", "pallas"])
+def test_quantized_layers_forward_and_gradients(kernel):
+    model, x = Layers(), jax.random.normal(jax.random.key(11), (2, 3, 64))
+    base = model.init(jax.random.key(12), x)
+    cfg = lj.LoraConfig(targets=".*", quantize=QC(block_size=32, kernel=kernel))
+    lora = lj.LoRA(model, cfg)
+    params = randomize_adapters(
+        lj.init(lora, jax.random.key(13), x, base_params=base), jax.random.key(14), 0.05
+    )
+    kinds = {
+        k: type(v).__name__ for k, v in leaves_by_path(params).items() if k.endswith("/kernel")
+    }
+    assert set(kinds.values()) == {"QuantizedTensor"}
+    assert params["params"]["per_head"]["kernel"].lead_shape == (4,)
+    dense = lj.dequantize(params)
+    plain = lj.LoRA(model, lj.LoraConfig(targets=".*"))
+    assert_close(jax.jit(lora.apply)(params, x), jax.jit(plain.apply)(dense, x), F32)
+
+    trainable, frozen = lj.partition(params)
+    loss = lambda lora, frozen: lambda t: jnp.sum(lora.apply(lj.combine(t, frozen), x) ** 2)
+    grads = jax.jit(jax.grad(loss(lora, frozen)))(trainable)
+    expected = jax.jit(jax.grad(loss(plain, lj.dequantize(frozen))))(trainable)
+    assert_close(grads, expected, F32)
+
+
+def test_identity_at_init_with_quantized_base(tiny_llama):
+    model, tokens, base = tiny_llama
+    cfg = lj.LoraConfig(targets=("q_proj", "v_proj"), quantize=QC())
+    lora = lj.LoRA(model, cfg)
+    params = lj.init(lora, jax.random.key(26), tokens, base_params=base)
+    expected = model.apply(lj.merge(params), tokens)  # the dequantized base, no delta
+    chex.assert_trees_all_close(lora.apply(params, tokens), expected, atol=F32_REL_TOL * 10)
+
+
+def test_forward_uses_the_kernel_that_merge_writes():
+    """compute_dtype rounds the kernel in the forward pass too: with the adapters at zero the
+    merged model is exact; with trained ones only the merged sum's rounding differs."""
+    model, x = nn.Dense(64, name="d"), jax.random.normal(jax.random.key(40), (4, 256))
+    base = model.init(jax.random.key(41), x)
+    lora = lj.LoRA(model, lj.LoraConfig(targets=".*", quantize=lj.QuantConfig()))  # bf16 kernels
+    params = lj.init(lora, jax.random.key(42), x, base_params=base)
+    chex.assert_trees_all_equal(lora.apply(params, x), model.apply(lj.merge(params), x))
+    params = randomize_adapters(params, jax.random.key(43), 0.05)
+    assert_close(lora.apply(params, x), model.apply(lj.merge(params), x), jnp.bfloat16)
+
+
+# --------------------------------------------------------- the tree against the config
+
+
+def test_params_of_another_rank_are_rejected(block_base):
+    params = lj.init(
+        lj.LoRA(BlockNet(), lj.LoraConfig(rank=4, targets=("query",))),
+        jax.random.key(1),
+        X16,
+        base_params=block_base,
+    )
+    other = lj.LoRA(BlockNet(), lj.LoraConfig(rank=2, targets=("query",)))
+    with pytest.raises(
+        ValueError,
+        match=r"The adapter of 'block_0/query/kernel' does not match the LoraConfig: rank 4 in the tree but 2 from the config",
+    ):
+        other.apply(params, X16)
+
+
+def test_adapters_the_config_does_not_target_are_an_error():
+    _, _, _, params = query_value()
+    narrower = lj.LoRA(QueryValue(), lj.LoraConfig(rank=2, targets=("query",)))
+    with pytest.raises(
+        ValueError,
+        match=r"holds an adapter for 'value/kernel', but LoraConfig.targets=\('query',\) .* silently dropped",
+    ):
+        narrower.apply(params, X6)
+
+
+def test_missing_lora_collection_is_explained(block_base):
+    lora_model = lj.LoRA(BlockNet(), lj.LoraConfig(targets=("query",)))
+    params = lj.init(lora_model, jax.random.key(1), X16, base_params=block_base)
+    with pytest.raises(
+        ValueError, match=r"holds no adapter record for it \('lora/block_0/query/kernel_lora'\)"
+    ):
+        lora_model.apply({"params": params["params"]}, X16)
+    with pytest.raises(ValueError, match=r"holds no adapter record .* pass the whole tree"):
+        lora_model.apply(block_base, X16)
+    no_leaf = {"params": block_base["params"], "lora": params["lora"]}
+    with pytest.raises(ValueError, match=r"'params/block_0/query/kernel_lora_a' is missing"):
+        lora_model.apply(no_leaf, X16)
+
+
+@pytest.fixture(scope="module")
+def qparams(tiny_llama):
+    """The tiny Llama with a 4-bit q_proj and its adapter."""
+    model, tokens, base = tiny_llama
+    cfg = lj.LoraConfig(targets=("q_proj",), quantize=QC())
+    return lj.init(lj.LoRA(model, cfg), jax.random.key(0), tokens, base_params=base)
+
+
+def test_quantized_tree_with_config_without_quantize(tiny_llama, qparams):
+    model, tokens, _ = tiny_llama
+    quantized_base = lj.merge(qparams, requantize=True)[0]
+    plain = lj.LoRA(model, lj.LoraConfig(targets=("q_proj",)))
+    with pytest.raises(ValueError, match=r"q_proj/kernel.*LoraConfig.quantize is None"):
+        lj.init(plain, jax.random.key(0), tokens, base_params=quantized_base)
+    with pytest.raises(
+        ValueError, match=r"'layers_0/self_attn/q_proj/kernel' is quantized.*quantize is None"
+    ):
+        plain.apply(qparams, tokens)
+
+
+def test_quantized_tree_with_other_format(tiny_llama, qparams):
+    model, tokens, _ = tiny_llama
+    other = lj.LoRA(model, lj.LoraConfig(targets=("q_proj",), quantize=QC(block_size=32)))
+    with pytest.raises(
+        ValueError,
+        match="q_proj/kernel' was quantized with block_size=64 \\(QuantConfig says 32\\)",
+    ):
+        other.apply(qparams, tokens)
+
+
+def test_dense_tree_with_quantizing_config(tiny_llama):
+    model, tokens, base = tiny_llama
+    plain = lj.init(
+        lj.LoRA(model, lj.LoraConfig(targets=("q_proj",))),
+        jax.random.key(0),
+        tokens,
+        base_params=base,
+    )
+    quantizing = lj.LoRA(model, lj.LoraConfig(targets=("q_proj",), quantize=QC()))
+    with pytest.raises(ValueError, match="'layers_0/self_attn/q_proj/kernel' is a dense array"):
+        quantizing.apply(plain, tokens)
+
+
+# ----------------------------------------------------------------------- bad arguments
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match=r"init needs a lora_jax.LoRA module"):
+        lj.init(BlockNet(), jax.random.key(0), X16)
+    with pytest.raises(TypeError, match=r"LoRA.config must be a lora_jax.LoraConfig"):
+        lj.LoRA(BlockNet(), {"rank": 4}).init(jax.random.key(0), X16)
+
+
+def test_lora_with_a_dict_config_is_a_type_error():
+    with pytest.raises(
+        TypeError, match=r"LoRA.config must be a lora_jax.LoraConfig, got dict. Build it with"
+    ):
+        lj.LoRA(QueryValue(), {"rank": 2, "targets": ["query"]})
+    with pytest.raises(TypeError, match=r"LoRA.model must be a flax.linen Module, got str"):
+        lj.LoRA("model", lj.LoraConfig(targets=("q",)))
