@@ -92,7 +92,7 @@ CASES = {
         dict(
             rank=4,
             alpha=8.0,
-            targets=ALL_LINEAR,
+            targets="all-linear",
             rank_pattern={"q_proj": 2, "layers_1/mlp/down_proj": 6},
             alpha_pattern={"v_proj": 3.0, "layers_0/.*": 5},
             use_rslora=True,
@@ -164,7 +164,7 @@ def test_save_peft_file_layout(made, tmp_path):
     _, _, cfg, params, _ = made["rslora_patterns"]
     save_peft(tmp_path, params, cfg)
     written = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert written["target_modules"] == sorted(ALL_LINEAR)
+    assert written["target_modules"] == "all-linear"
     assert (written["r"], written["lora_alpha"], written["use_rslora"]) == (4, 8.0, True)
     assert written["rank_pattern"] == {"model.layers.1.mlp.down_proj": 6, "q_proj": 2}
     assert written["alpha_pattern"] == {
@@ -262,7 +262,7 @@ def test_load_peft_gives_peft_logits_and_merge(bases, peft_adapter):
     path, peft_model = peft_adapter
     model, base = load_pretrained(bases["untied"])
     params, cfg = load_peft(path, base)
-    assert cfg.targets == tuple(sorted(ALL_LINEAR)) and cfg.trainable == ("lm_head/kernel",)
+    assert cfg.targets == "all-linear" and cfg.trainable == ("lm_head/kernel",)
     assert cfg.rank_pattern == (("layers_1/mlp/down_proj", 6), ("q_proj", 2))
     assert cfg.alpha_pattern == (("v_proj", 3),) and cfg.use_rslora
     assert rel_error(lj.LoRA(model, cfg).apply(params, IDS), torch_logits(peft_model)) <= 1e-4

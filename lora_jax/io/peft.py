@@ -28,8 +28,8 @@ floats), so both files carry exactly lora_jax's per-module ranks and alphas: `sa
 the patterns by Hugging Face module names, `load_peft` by lora_jax module paths, translating the
 other side's keys where the translation gives every module the same rank and alpha, else
 listing the modules one by one. Targets are translated the same way (PEFT's list rule, a name
-or a '.'-suffix of one, is lora_jax's tuple rule with '/' for '.'), else written as the explicit
-list of adapted modules.
+or a '.'-suffix of one, is lora_jax's tuple rule with '/' for '.'; "all-linear" is the same
+value on both sides), else written as the explicit list of adapted modules.
 
 Tied embeddings. lora_jax's embedding adapter also acts on a tied output head (`nn.Embed.attend`);
 PEFT does that only with ``ensure_weight_tying: true`` (its lm_head adapter then shares the
@@ -69,7 +69,7 @@ from lora_jax import _paths, _trees
 from lora_jax.adapters.geometry import Geometry
 from lora_jax.adapters.plan import Plan
 from lora_jax.adapters.records import Adapter
-from lora_jax.config import LoraConfig
+from lora_jax.config import ALL_LINEAR, LoraConfig, matches_names
 from lora_jax.io import _leaves
 
 # io-internal helpers of lora_jax's own adapter files: the tree is assembled exactly as
@@ -241,7 +241,7 @@ def _peft_selects(config: Mapping[str, Any], name: str, leaf: str) -> bool:
         return False
     targets = config.get("target_modules")
     if isinstance(targets, str):
-        if targets.lower() == "all-linear":
+        if targets.lower() == ALL_LINEAR:
             return leaf == _LINEAR and name != OUTPUT_HEAD
         return re.fullmatch(targets, name) is not None
     return _peft_list_match(targets or [], name)
@@ -479,19 +479,24 @@ def _modules_to_save(
 
 def _peft_targets(
     config: LoraConfig, adapted: Mapping[str, str], model: _Model, to_save: list[str]
-) -> list[str]:
-    """PEFT's target_modules: the config's names ('/' -> '.') or the adapted modules' last
-    names, where PEFT's list rule selects exactly the adapted modules with them; else the
+) -> str | list[str]:
+    """PEFT's target_modules: "all-linear", the config's names ('/' -> '.') or the adapted
+    modules' last names, where PEFT selects exactly the adapted modules with them; else the
     adapted modules' full names."""
     want = set(adapted)
 
-    def selects(targets: list[str]) -> bool:
+    def selects(targets: str | list[str]) -> bool:
         config = {"target_modules": targets, "modules_to_save": to_save}
         got = {m for m, (_, leaf) in model.layers.items() if _peft_selects(config, m, leaf)}
-        return got == want and all(any(_peft_list_match([t], m) for m in want) for t in targets)
+        useful = isinstance(targets, str) or all(
+            any(_peft_list_match([t], m) for m in want) for t in targets
+        )
+        return got == want and useful
 
-    candidates = []
-    if isinstance(config.targets, tuple) and not config.exclude:
+    candidates: list[str | list[str]] = []
+    if config.targets == ALL_LINEAR:
+        candidates.append(ALL_LINEAR)
+    elif isinstance(config.targets, tuple) and not config.exclude:
         candidates.append(sorted({t.replace("/", ".") for t in config.targets}))
     candidates.append(sorted({m.rpartition(".")[2] for m in want}))
     return next((c for c in candidates if selects(c)), sorted(want))
@@ -819,27 +824,7 @@ def _lora_config(
     """A LoraConfig that adapts exactly the file's modules with PEFT's rank and alpha for
     each, and trains exactly the parameters of its modules to save."""
     adapted = {model.layers[hf][0]: hf for hf in found.adapters}
-    paths = {path for path, _ in model.layers.values()}
-    candidates = []
-    targets = peft_config["target_modules"]
-    if isinstance(targets, (list, tuple)) and all(_plain(t, ".") for t in targets):
-        candidates.append(tuple(sorted({t.replace(".", "/") for t in targets})))
-    candidates.append(tuple(sorted({_paths.basename(p) for p in adapted})))
-    candidates.append(tuple(sorted(adapted)))
-    chosen = next(
-        (
-            c
-            for c in candidates
-            if {p for p in paths if _tuple_match(c, p)} == set(adapted)
-            and all(any(_tuple_match((n,), p) for p in adapted) for n in c)
-        ),
-        None,
-    )
-    if chosen is None:
-        raise ValueError(
-            f"{where}: no LoraConfig.targets selects exactly {sorted(adapted)} (a module path "
-            "ends with another one)."
-        )
+    chosen = _config_targets(peft_config["target_modules"], adapted, model, where)
     dtypes = {v.dtype for pair in found.adapters.values() for v in pair.values()}
     fields: dict[str, Any] = dict(
         rank=peft_config["r"],
@@ -871,10 +856,9 @@ def _lora_config(
     for path, hf in sorted(adapted.items()):
         r, alpha = ranks[hf]
         scale = alpha / math.sqrt(r) if rslora else alpha / r
-        if not config.is_target(path) or (config.rank_for(path), config.scale_for(path)) != (
-            r,
-            scale,
-        ):
+        linear = model.layers[hf][1] == _LINEAR
+        got = (config.rank_for(path), config.scale_for(path))
+        if not config.is_target(path, linear=linear) or got != (r, scale):
             problems.append(
                 f"'{path}' gets rank {config.rank_for(path)} and scale {config.scale_for(path)} "
                 f"where PEFT gives '{hf}' rank {r} and scale {scale}."
@@ -886,8 +870,33 @@ def _lora_config(
     return config
 
 
-def _tuple_match(names: tuple[str, ...], path: str) -> bool:
-    return any(path == n or path.endswith("/" + n) for n in names)
+def _config_targets(
+    targets: Any, adapted: Mapping[str, str], model: _Model, where: str
+) -> str | tuple[str, ...]:
+    """LoraConfig.targets selecting exactly the adapted modules: PEFT's names ('.' -> '/')
+    or "all-linear" where they do, else the adapted modules' last names, else their paths."""
+    layers = {path: leaf == _LINEAR for path, leaf in model.layers.values()}
+    candidates: list[str | tuple[str, ...]] = []
+    if isinstance(targets, (list, tuple)) and all(_plain(t, ".") for t in targets):
+        candidates.append(tuple(sorted({t.replace(".", "/") for t in targets})))
+    candidates.append(ALL_LINEAR)  # also what PEFT saves for "all-linear": the modules' list
+    candidates.append(tuple(sorted({_paths.basename(p) for p in adapted})))
+    candidates.append(tuple(sorted(adapted)))
+
+    def selects(names: str | tuple[str, ...]) -> bool:
+        got = {p for p, linear in layers.items() if matches_names(names, p, linear=linear)}
+        useful = isinstance(names, str) or all(
+            any(matches_names((n,), p) for p in adapted) for n in names
+        )
+        return got == set(adapted) and useful
+
+    chosen = next((c for c in candidates if selects(c)), None)
+    if chosen is None:
+        raise ValueError(
+            f"{where}: no LoraConfig.targets selects exactly {sorted(adapted)} (a module path "
+            "ends with another one)."
+        )
+    return chosen
 
 
 # --------------------------------------------------------------------------- files
