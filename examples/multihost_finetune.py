@@ -50,16 +50,27 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def parse_args(argv=None):
     env = os.environ.get
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--coordinator", default=env("JAX_COORDINATOR_ADDRESS"),
-                   help="host:port of process 0's coordinator service")
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--coordinator",
+        default=env("JAX_COORDINATOR_ADDRESS"),
+        help="host:port of process 0's coordinator service",
+    )
     p.add_argument("--num-processes", type=int, default=env("JAX_NUM_PROCESSES"))
     p.add_argument("--process-id", type=int, default=env("JAX_PROCESS_ID"))
-    p.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() even without the three above")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() even without the three above",
+    )
     p.add_argument("--cpu-devices", type=int, help="CPU only: devices per process (gloo)")
-    p.add_argument("--launch-local", type=int, metavar="N",
-                   help="start N processes of this script on this machine and wait")
+    p.add_argument(
+        "--launch-local",
+        type=int,
+        metavar="N",
+        help="start N processes of this script on this machine and wait",
+    )
     p.add_argument("--model", choices=("tiny", "small"), default="tiny")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--steps", type=int, default=20)
@@ -85,8 +96,9 @@ def setup(args):
     model = Llama(getattr(LlamaConfig, args.model)(logical_axes=True))
     sample = np.zeros((1, args.seq), np.int32)
     base = jax.jit(model.init)(jax.random.key(args.seed), sample)  # your checkpoint goes here
-    lora_model = lj.LoRA(model, lj.LoraConfig(rank=args.rank, alpha=2.0 * args.rank,
-                                              targets=TARGETS))
+    lora_model = lj.LoRA(
+        model, lj.LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=TARGETS)
+    )
     params = lj.init(lora_model, jax.random.key(args.seed + 1), sample, base_params=base)
     loss_fn = lambda apply, batch: causal_lm_loss(apply(batch[:, :-1]), batch[:, 1:])
     return lora_model, params, loss_fn
@@ -101,8 +113,10 @@ def global_batch(tokens: np.ndarray, step: int, args) -> np.ndarray:
 
 def process_rows(sharding: NamedSharding, shape: tuple[int, ...]) -> slice:
     """The rows of a global batch that this process's devices hold."""
-    rows = {idx[0].indices(shape[0])[:2] for idx in
-            sharding.addressable_devices_indices_map(shape).values()}
+    rows = {
+        idx[0].indices(shape[0])[:2]
+        for idx in sharding.addressable_devices_indices_map(shape).values()
+    }
     start, stop = min(r[0] for r in rows), max(r[1] for r in rows)
     if sum(b - a for a, b in rows) != stop - start:
         raise ValueError(f"This process's rows {sorted(rows)} are not contiguous.")
@@ -144,9 +158,22 @@ def launch_local(args, argv) -> int:
         if not skip and not a.startswith("--launch-local"):
             rest.append(a)
         skip = a == "--launch-local"
-    procs = [subprocess.Popen([sys.executable, __file__, *rest, "--coordinator",
-                               f"127.0.0.1:{port}", "--num-processes", str(args.launch_local),
-                               "--process-id", str(i)]) for i in range(args.launch_local)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                *rest,
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                str(args.launch_local),
+                "--process-id",
+                str(i),
+            ]
+        )
+        for i in range(args.launch_local)
+    ]
     return max(p.wait() for p in procs)
 
 
