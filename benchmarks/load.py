@@ -61,13 +61,8 @@ def model_config(size: str):
 
 def write_checkpoint(path: pathlib.Path, size: str, shard_bytes: int, seed: int = 0) -> int:
     """Writes the synthetic checkpoint tensor by tensor, chunk by chunk; returns its bytes."""
-    from lora_jax.io.hf_checkpoint import (
-        _abstract,
-        _Entry,
-        _expected,
-        _write_checkpoint,
-        llama_config_to_hf,
-    )
+    from lora_jax.io.hf_checkpoint import _abstract, _Entry, _expected, _write_checkpoint
+    from lora_jax.io.hf_config import llama_config_to_hf
     from lora_jax.io.hf_names import LLAMA
 
     cfg = model_config(size)

@@ -24,13 +24,8 @@ from safetensors.numpy import load_file, save_file
 
 import lora_jax as lj
 from lora_jax.io import hf_checkpoint
-from lora_jax.io.hf_checkpoint import (
-    DECODER_LINEAR,
-    llama_config_from_hf,
-    llama_config_to_hf,
-    load_pretrained,
-    save_pretrained,
-)
+from lora_jax.io.hf_checkpoint import DECODER_LINEAR, load_pretrained, save_pretrained
+from lora_jax.io.hf_config import llama_config_from_hf, llama_config_to_hf
 from lora_jax.models import Llama, LlamaConfig, RopeScaling, stack_layers
 
 torch = pytest.importorskip("torch")

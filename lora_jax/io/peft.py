@@ -70,17 +70,7 @@ from lora_jax.adapters.geometry import Geometry
 from lora_jax.adapters.plan import Plan
 from lora_jax.adapters.records import Adapter
 from lora_jax.config import ALL_LINEAR, LoraConfig, matches_names
-from lora_jax.io import _leaves
-
-# io-internal helpers of lora_jax's own adapter files: the tree is assembled exactly as
-# `load_adapter` assembles it.
-from lora_jax.io.adapter_files import (
-    _array,
-    _boxed_like,
-    _fit_quantize,
-    _quantized_markers,
-    _record_problems,
-)
+from lora_jax.io import _assembly, _leaves
 from lora_jax.io.hf_names import LLAMA, NameMap
 from lora_jax.ops.partition import partition
 from lora_jax.quant.formats import QuantizedTensor
@@ -352,7 +342,8 @@ def save_peft(
     if not plan.adapters:
         raise ValueError("params holds no adapter: nothing to save.")
     _trees.raise_problems(
-        "params' adapters were not made with this LoraConfig", _record_problems(plan, config)
+        "params' adapters were not made with this LoraConfig",
+        _assembly.record_problems(plan, config),
     )
     flat = _trees.flat(values)
     model = _Model.of({_paths.to_param(k): v for k, v in flat.items() if _in_params(k)}, names)
@@ -562,25 +553,13 @@ def load_peft(
     peft_config = _read_config(path / CONFIG_FILE)
     tensors = _read_weights(path)
     where = f"The PEFT adapter in '{path}'"
-    boxed = _trees.flat(_paths.as_variables(base_params, "base_params"))
-    flat = {k: _trees.unbox(v) for k, v in boxed.items()}
-    held = sorted(k for k in flat if _paths.is_adapter_leaf(k) or k.startswith(_paths.LORA + "/"))
-    if held:
-        raise ValueError(
-            f"base_params already hold LoRA leaves ({_trees.quoted(held)}): pass the base "
-            "model's own parameters."
-        )
+    boxed, flat = _assembly.base_leaves(base_params)
     model = _Model.of({_paths.to_param(k): v for k, v in flat.items() if _in_params(k)}, names)
     found = _Found.sort(tensors, peft_config, model, where)
     ranks = found.check(peft_config, model, where)
     config = _lora_config(peft_config, ranks, found, model, where)
     plan, values = found.tree(config, ranks, model)
-    config = _fit_quantize(config, flat)
-    plan = dataclasses.replace(plan, quantized=_quantized_markers(plan, flat))
-    boxed.update({k: _boxed_like(k, v, boxed, plan) for k, v in values.items()})
-    out = _trees.unflat(boxed)
-    out[_paths.LORA] = plan.records()
-    return out, config
+    return _assembly.assemble(config, plan, boxed, flat, values)
 
 
 @dataclasses.dataclass
@@ -996,7 +975,7 @@ def _read_weights(directory: Path) -> dict[str, np.ndarray]:
         items = safetensors.deserialize(data)
     except safetensors.SafetensorError as e:
         raise ValueError(f"'{file}' is not a valid safetensors file: {e}.") from None
-    return {name: _array(file, name, item) for name, item in items}
+    return {name: _assembly.tensor(file, name, item) for name, item in items}
 
 
 def _replace_dir(directory: Path, files: Mapping[str, bytes]) -> Path:

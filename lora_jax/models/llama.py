@@ -46,6 +46,7 @@ import optax
 from flax import traverse_util
 from flax.core import DenyList, meta
 
+from lora_jax._trees import is_box
 from lora_jax.models import kv_cache
 from lora_jax.models.kv_cache import Slots
 from lora_jax.models.rope import RopeScaling, rope, rope_frequencies
@@ -603,7 +604,7 @@ def unstack_layers(variables: dict) -> dict:
                 n = _num_stacked(stacked)
                 tree |= {
                     f"{LAYERS}_{i}": jax.tree.map(
-                        lambda v, i=i: _take(v, i), stacked, is_leaf=_is_box
+                        lambda v, i=i: _take(v, i), stacked, is_leaf=is_box
                     )
                     for i in range(n)
                 }
@@ -615,10 +616,6 @@ def unstack_layers(variables: dict) -> dict:
 
 def _is_bare(variables: dict) -> bool:
     return not ("params" in variables and isinstance(variables["params"], dict))
-
-
-def _is_box(v: Any) -> bool:
-    return isinstance(v, meta.AxisMetadata)
 
 
 def _layer_keys(collection: str, tree: dict) -> list[str]:
@@ -663,14 +660,14 @@ def _stack_collection(collection: str, tree: dict) -> dict:
 
 
 def _stack(values: list) -> Array | meta.AxisMetadata:
-    if not _is_box(values[0]):
+    if not is_box(values[0]):
         return jnp.stack(values)
     box = values[0].replace_boxed(jnp.stack([meta.unbox(v) for v in values]))
     return box.add_axis(0, {nn.PARTITION_NAME: LAYERS})
 
 
 def _take(v: Any, i: int) -> Any:
-    if not _is_box(v):
+    if not is_box(v):
         return v[i]
     return v.replace_boxed(meta.unbox(v)[i]).remove_axis(0, {nn.PARTITION_NAME: LAYERS})
 
