@@ -11,9 +11,10 @@
 #   1b:finetune  1b:peers,quantized,merge  3b:finetune  3b:peers,quantized,merge  mfu
 # `SIZE:CASES` runs `python -m benchmarks.run --size SIZE --cases CASES`; `mfu` runs the MFU
 # case on Llama-3-8B shapes at 4096 tokens (and PEFT at the same config). Every stage adds its
-# results to benchmarks/results/<machine>.json and .md (earlier stages' results are kept) and
-# redraws the plots in docs/img/. With $OUT set (the lent machines), the results and plots are
-# copied there after each stage (`python -m benchmarks.report FILE.json --plots docs/img`
+# results to runs/benchmarks/<machine>.json and .md (earlier stages' results are kept) and
+# redraws the plots in runs/benchmarks/img/ (BENCH_DIR and BENCH_PLOTS change them; committing
+# results to benchmarks/results/ and docs/img/ is a separate, explicit copy). With $OUT set (the lent machines), the results and plots are
+# copied there after each stage (`python -m benchmarks.report FILE.json --plots DIR`
 # redraws tables and plots from a results file anywhere). Extra arguments for every stage: BENCH_ARGS="--runs 20".
 # `STAGE@SECONDS` stops a stage after SECONDS (the cases it finished are kept in the results):
 # for a machine lent for a fixed time. Seen on one H200 (JAX 0.11.2, 2026-11-25): qmatmul 67 s;
@@ -55,6 +56,9 @@ print("; ".join(found))
 VERSIONS
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || true
 
+DIR=${BENCH_DIR:-runs/benchmarks}
+PLOTS=${BENCH_PLOTS:-$DIR/img}
+mkdir -p "$DIR" "$PLOTS"
 status=0
 for stage in "${stages[@]}"; do
   limit=0  # seconds; 0: no limit
@@ -62,8 +66,8 @@ for stage in "${stages[@]}"; do
   echo "=== stage $stage ($(date -u +%H:%M:%S)$([ "$limit" != 0 ] && echo ", at most ${limit} s"))"
   run=(timeout --signal=TERM --kill-after=10 "$limit")
   if [ "$stage" = qmatmul ]; then  # the 4-bit matmul alone: Pallas kernel vs XLA vs bf16
-    "${run[@]}" "$PY" -m benchmarks.qmatmul --json benchmarks/results/gpu-qmatmul.json || status=1
-    [ -n "${OUT:-}" ] && cp benchmarks/results/gpu-qmatmul.json "$OUT/" 2>/dev/null
+    "${run[@]}" "$PY" -m benchmarks.qmatmul --json "$DIR/gpu-qmatmul.json" || status=1
+    [ -n "${OUT:-}" ] && cp "$DIR/gpu-qmatmul.json" "$OUT/" 2>/dev/null
     continue
   elif [ "$stage" = mfu ]; then
     args=(--cases mfu --mfu-size 8b)
@@ -71,10 +75,10 @@ for stage in "${stages[@]}"; do
     args=(--size "${stage%%:*}" --cases "${stage#*:}")
   fi
   # shellcheck disable=SC2086
-  "${run[@]}" "$PY" -m benchmarks.run "${args[@]}" --plots "${BENCH_PLOTS:-docs/img}" ${BENCH_ARGS:-} || status=1
+  "${run[@]}" "$PY" -m benchmarks.run "${args[@]}" --out "$DIR" --plots "$PLOTS" ${BENCH_ARGS:-} || status=1
   if [ -n "${OUT:-}" ]; then  # the JSON, its tables, and the plots in one archive
-    cp benchmarks/results/gpu-*.json benchmarks/results/gpu-*.md "$OUT/" 2>/dev/null
-    tar czf "$OUT/gpu-plots.tgz" docs/img/gpu-*.png 2>/dev/null
+    cp "$DIR"/gpu-*.json "$DIR"/gpu-*.md "$OUT/" 2>/dev/null
+    tar czf "$OUT/gpu-plots.tgz" -C "$PLOTS" . 2>/dev/null
   fi
 done
 exit $status

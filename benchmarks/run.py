@@ -15,8 +15,11 @@ Attention (`--attention`): the bf16 models are built with `LlamaConfig(attention
 cuDNN's fused kernel, on GPU, and with "xla" elsewhere; float32 models always use "xla".
 
 Writes `<out>/<machine>.json` (`<machine>-quick.json` with --quick) and the same name with
-`.md` (the tables); results of earlier runs in the file for other sizes or cases are kept, so
-that runs of one size at a time add up. With `--plots DIR`, one PNG of ratios per case group.
+`.md` (the tables); `--out` defaults to `runs/benchmarks/`, outside the tracked files: the
+committed results in `benchmarks/results/` and plots in `docs/img/` change only when someone
+copies a run there (or passes `--out benchmarks/results --plots docs/img`). Results of earlier
+runs in the file for other sizes or cases are kept, so that runs of one size at a time add
+up. With `--plots DIR`, one PNG of ratios per case group.
 Every figure is measured in this one run on this machine; compare ratios, not milliseconds.
 """
 
@@ -39,6 +42,7 @@ from benchmarks.cases import finetune, merge, mfu, peers, quantized
 CASES = {"finetune": finetune, "quantized": quantized, "merge": merge, "peers": peers, "mfu": mfu}
 QUICK_RUNS, FULL_RUNS = 5, 15
 HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_OUT = os.path.join("runs", "benchmarks")  # never the tracked benchmarks/results
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -81,7 +85,7 @@ def parse(argv=None) -> argparse.Namespace:
         "the default on GPU) or XLA's unfused attention ('xla', the default "
         "elsewhere); float32 models always use 'xla'",
     )
-    p.add_argument("--out", default=os.path.join(HERE, "results"), help="results directory")
+    p.add_argument("--out", default=DEFAULT_OUT, help="results directory")
     p.add_argument("--plots", default=None, help="write one PNG per case group here")
     p.add_argument("--fresh", action="store_true", help="do not keep earlier results in the file")
     p.add_argument("--name", default=None, help="results file name (default: the machine's)")

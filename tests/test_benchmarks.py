@@ -69,3 +69,14 @@ def test_quick_suite_runs(tmp_path):
         assert title in table
     pngs = sorted(p.name for p in img.glob("*.png"))
     assert len(pngs) == 5, pngs  # finetune, subtree, quantized, merge, peers
+
+
+def test_benchmarks_write_outside_the_tracked_files():
+    """A run with no --out writes under runs/benchmarks/ (ignored by git), never over the
+    committed benchmarks/results/; plots only where --plots says."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import run
+
+    args = run.parse([])
+    assert pathlib.Path(args.out) == pathlib.Path("runs/benchmarks") and args.plots is None
+    assert "runs/" in (ROOT / ".gitignore").read_text().split()  # ignored by git
