@@ -133,3 +133,12 @@ def test_pattern_key_matching_no_target_is_an_error():
 def test_quant_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         lj.QuantConfig(**kwargs)
+
+
+def test_all_linear_is_peft_s_special_value():
+    cfg = lj.LoraConfig(targets="all-linear")
+    assert cfg.targets == "all-linear"
+    assert cfg.is_target("layers_0/mlp/down_proj") and cfg.is_target("encoder/dense")
+    assert not cfg.is_target("lm_head") and not cfg.is_target("model/lm_head")
+    assert not cfg.is_target("layers_0/mlp/down_proj", linear=False)  # an embedding, a conv
+    assert lj.LoraConfig().targets == ("q_proj", "v_proj")

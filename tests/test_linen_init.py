@@ -323,3 +323,37 @@ def test_trainable_extra_that_is_quantized_is_an_error(tiny_llama):
         ValueError, match="trainable selects 'lm_head/kernel', which QuantConfig quantizes"
     ):
         lj.init(lj.LoRA(model, cfg), jax.random.key(0), tokens, base_params=base)
+
+
+def test_all_linear_adapts_every_linear_layer_but_the_head():
+    """PEFT's "all-linear": the seven linear layers of every block, not the embedding nor an
+    untied output head; the default targets are q_proj and v_proj, which the model has."""
+    from lora_jax.models import Llama, LlamaConfig
+
+    model = Llama(LlamaConfig.tiny(num_layers=2, tie_embeddings=False))
+    x = jnp.zeros((1, 8), jnp.int32)
+    linear = ["self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/o_proj"]
+    linear += ["mlp/gate_proj", "mlp/up_proj", "mlp/down_proj"]
+    plan = lj.plan(lj.LoRA(model, lj.LoraConfig(targets="all-linear")), jax.random.key(0), x)
+    adapted = sorted(param for param, _ in plan.adapters)
+    assert adapted == sorted(f"params/layers_{i}/{m}/kernel" for i in (0, 1) for m in linear)
+    excluded = lj.LoraConfig(targets="all-linear", exclude=("mlp/down_proj",))
+    plan = lj.plan(lj.LoRA(model, excluded), jax.random.key(0), x)
+    assert len(plan.adapters) == 12 and not any("down_proj" in p for p, _ in plan.adapters)
+    default = lj.plan(lj.LoRA(model, lj.LoraConfig()), jax.random.key(0), x)
+    assert sorted(p for p, _ in default.adapters) == sorted(
+        f"params/layers_{i}/self_attn/{m}/kernel" for i in (0, 1) for m in ("q_proj", "v_proj")
+    )
+
+
+def test_all_linear_leaves_embeddings_and_convs_alone():
+    class Mixed(nn.Module):
+        @nn.compact
+        def __call__(self, ids):
+            h = nn.Embed(16, 8, name="embed")(ids)
+            h = nn.Conv(8, (3,), name="conv")(h)
+            return nn.Dense(4, name="proj")(h)
+
+    x = jnp.zeros((1, 5), jnp.int32)
+    plan = lj.plan(lj.LoRA(Mixed(), lj.LoraConfig(targets="all-linear")), jax.random.key(0), x)
+    assert [p for p, _ in plan.adapters] == ["params/proj/kernel"]
