@@ -46,7 +46,6 @@ import optax
 from flax import traverse_util
 from flax.core import DenyList, meta
 
-from lora_jax._trees import is_box
 from lora_jax.models import kv_cache
 from lora_jax.models.kv_cache import Slots
 from lora_jax.models.rope import RopeScaling, rope, rope_frequencies
@@ -616,6 +615,11 @@ def unstack_layers(variables: dict) -> dict:
 
 def _is_bare(variables: dict) -> bool:
     return not ("params" in variables and isinstance(variables["params"], dict))
+
+
+def is_box(v: Any) -> bool:
+    """A Flax metadata box (models import nothing of lora_jax's core, so not `_trees.is_box`)."""
+    return isinstance(v, meta.AxisMetadata)
 
 
 def _layer_keys(collection: str, tree: dict) -> list[str]:
