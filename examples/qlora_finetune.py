@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import finetune_lm
+import training
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -31,4 +32,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    training.run_main(main)

@@ -9,6 +9,7 @@ never waits on the step that is running, and never runs ahead of the device.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -112,6 +113,11 @@ def train(
                 checkpoint(done, params, opt_state, losses)
         if pending is not None:
             finish(*pending)
+    except KeyboardInterrupt:
+        # Let the dispatched step finish before the interpreter winds down: exiting while XLA
+        # still runs a step on its own threads can crash the process at shutdown.
+        jax.block_until_ready((params, opt_state))
+        raise
     finally:
         bar.close()
     return params, opt_state, losses
@@ -136,6 +142,20 @@ def open_checkpoints(directory: Path, resume: bool) -> tuple[lj.CheckpointManage
         for old in ckpt.all_steps():
             ckpt.delete(old)
     return ckpt, resume and latest is not None
+
+
+def run_main(main: Callable[[], Any]) -> None:
+    """Runs a script's `main()`; after Ctrl-C (exit code 130, checkpoints already closed) the
+    process ends at once, without the interpreter's teardown, which can crash while XLA's
+    threads are still winding down from an interrupted step."""
+    try:
+        main()
+    except SystemExit as e:
+        if e.code != 130:
+            raise
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
 
 
 def interrupted(ckpt: lj.CheckpointManager) -> int:
