@@ -44,9 +44,11 @@ def randomize_adapters(params, key, scale=0.5):
     flat = traverse_util.flatten_dict(params, sep="/")
     for path, v in flat.items():
         if path.endswith(("_lora_a", "_lora_b")):
-            k = jax.random.fold_in(key, zlib.crc32(path.encode()))
             value = meta.unbox(v)  # adapters of a sharding-annotated kernel are boxed alike
-            new = (scale * jax.random.normal(k, value.shape, jnp.float32)).astype(value.dtype)
+            # NumPy draws: one eager jax.random call per new shape would compile each time.
+            seed = (int(jax.random.key_data(key).sum()), zlib.crc32(path.encode()))
+            draw = np.random.default_rng(seed).standard_normal(value.shape, np.float32)
+            new = jnp.asarray((scale * draw).astype(value.dtype))  # cast on the host too
             flat[path] = v.replace_boxed(new) if isinstance(v, meta.AxisMetadata) else new
     return traverse_util.unflatten_dict(flat, sep="/")
 
