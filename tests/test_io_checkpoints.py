@@ -303,3 +303,16 @@ def test_kill_during_save_resumes_from_last_complete_checkpoint_bitwise(tmp_path
     assert {i: ref[i] for i in before} == before  # the killed run, up to the kill
     assert {i: ref[i] for i in after} == after  # the resumed run: bit for bit
     assert sorted(p.name for p in ckpt.iterdir()) == ["12", "16"]  # tmp dir removed
+
+
+def test_restore_into_the_bare_optimizer_s_state_says_to_use_step_init(llama_run, tmp_path):
+    """`make_train_step` wraps the optimizer; a state made with the bare `tx.init` has another
+    structure, and the error says which state to pass."""
+    params, opt_state = llama_run["params"], llama_run["opt_state"]
+    trainable, _frozen = lj.partition(params)
+    with CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, trainable, opt_state)
+    bare = lj.optimizer(optax.adamw(1e-2), params).init(trainable)
+    with CheckpointManager(tmp_path) as mgr, pytest.raises(ValueError) as e:
+        mgr.restore(trainable_like=trainable, opt_state_like=jax.eval_shape(lambda: bare))
+    assert "step.init(params)" in str(e.value) and "opt_state/" in str(e.value)

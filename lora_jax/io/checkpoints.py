@@ -225,8 +225,10 @@ class CheckpointManager:
           trainable_like: the trainable half to restore into (arrays, or
             `jax.ShapeDtypeStruct`s): its paths, shapes and dtypes must match the checkpoint.
             Boxed leaves come back in the same boxes.
-          opt_state_like: the optimizer state to restore into, likewise (e.g.
-            `step.init(params)` or `jax.eval_shape(tx.init, trainable_like)`).
+          opt_state_like: the optimizer state to restore into, likewise: the train step's
+            own `step.init(params)` (or `jax.eval_shape(step.init, params)`). Not
+            `tx.init`: `make_train_step` wraps `tx` (to skip non-finite updates), so the
+            bare optimizer's state has another structure.
           shardings: where to place the arrays. None: each leaf where its `*_like` leaf is
             (an array's or a ShapeDtypeStruct's `.sharding`); optimizer leaves without one
             follow the trainable leaf they mirror (same path suffix and shape, e.g. Adam's
@@ -354,19 +356,24 @@ class CheckpointManager:
         the trainable leaves agree: otherwise they differ for the same reason)."""
         _check_trainable(trainable_like, None, "trainable_like")
         found = {k: {"shape": v["shape"], "dtype": v["dtype"]} for k, v in saved["leaves"].items()}
-        problems = []
+        problems, hint = [], ""
         for part, like in (("trainable", trainable_like), ("opt_state", opt_state_like)):
             if not problems:
                 expected = {f"{part}/{k}": _leaves.spec(v) for k, v in _leaves.leaves(like).items()}
                 part_found = {k: v for k, v in found.items() if k.startswith(part + "/")}
                 problems = _leaves.problems(part_found, expected, "in the checkpoint")
+                if problems and part == "opt_state":
+                    hint = (
+                        " (make opt_state_like with the train step's own step.init(params): "
+                        "make_train_step wraps the optimizer, so tx.init has another structure)"
+                    )
         saved_config = saved["config"] and config_from_dict(saved["config"])
         if config is not None and saved_config:
             problems = config_diff(saved_config, config, "in the checkpoint") + problems
         made_with = "" if config or not saved_config else f" (made with {saved_config})"
         _trees.raise_problems(
             f"Checkpoint '{self.directory / str(step)}'{made_with} does not fit the state to "
-            "restore",
+            f"restore{hint}",
             problems,
         )
 
