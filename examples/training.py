@@ -113,11 +113,6 @@ def train(
                 checkpoint(done, params, opt_state, losses)
         if pending is not None:
             finish(*pending)
-    except KeyboardInterrupt:
-        # Let the dispatched step finish before the interpreter winds down: exiting while XLA
-        # still runs a step on its own threads can crash the process at shutdown.
-        jax.block_until_ready((params, opt_state))
-        raise
     finally:
         bar.close()
     return params, opt_state, losses

@@ -1,7 +1,10 @@
 """Shared test set-up: strict JAX numerics, hypothesis profiles, small helpers, and the small
 test models (with their fixtures) that more than one test file uses."""
 
+import atexit
 import os
+import shutil
+import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -26,8 +29,21 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     jax.config.update("jax_num_cpu_devices", 8)
 
+# One persistent compilation cache for the session, shared with the subprocesses the tests
+# start (examples, workers, doc snippets): many tests compile the same small programs, and on
+# 2 cores compiling is most of the suite's time. A cache directory given by the caller wins.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="lora_jax-tests-xla-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update(
+    "jax_persistent_cache_min_compile_time_secs",
+    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
+)
+
 hypothesis.settings.register_profile(
-    "default", max_examples=8, deadline=None, derandomize=True, print_blob=True
+    "default", max_examples=5, deadline=None, derandomize=True, print_blob=True
 )
 hypothesis.settings.register_profile("thorough", max_examples=200, deadline=None, print_blob=True)
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))

@@ -19,7 +19,7 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 
 @pytest.mark.parametrize("tie", [False, True])
-@settings(max_examples=5)  # each example compiles a whole decoder
+@settings(max_examples=3)  # each example compiles a whole decoder
 @given(
     rank=st.integers(1, 8),
     alpha=st.floats(1.0, 32.0),
