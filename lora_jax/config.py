@@ -67,13 +67,15 @@ def _as_pattern(field: str, value: Any, check: Callable[[str, Any], None]) -> Pa
     return pairs
 
 
-def _float_dtype(field: str, value: Any) -> np.dtype:
+def float_dtype(field: str, value: Any, error: type[Exception] = ValueError) -> np.dtype:
+    """`value` as a floating NumPy dtype (names such as "bfloat16" too); else raises `error`
+    naming `field`."""
     try:
         dtype = jnp.dtype(value)
     except TypeError:
         dtype = None
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"{field} must be a floating dtype, got {value!r}.")
+        raise error(f"{field} must be a floating dtype, got {value!r}.")
     return dtype
 
 
@@ -159,7 +161,7 @@ class QuantConfig:
             )
         if not isinstance(self.double_quant, bool):
             raise TypeError(f"QuantConfig.double_quant must be a bool, got {self.double_quant!r}.")
-        dtype = _float_dtype("QuantConfig.compute_dtype", self.compute_dtype)
+        dtype = float_dtype("QuantConfig.compute_dtype", self.compute_dtype)
         object.__setattr__(self, "compute_dtype", dtype)
         if self.targets is not None:
             object.__setattr__(self, "targets", _as_names("QuantConfig.targets", self.targets))
@@ -236,7 +238,7 @@ class LoraConfig:
             raise TypeError(f"LoraConfig.use_rslora must be a bool, got {self.use_rslora!r}.")
         if self.init not in INITS:
             raise ValueError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}.")
-        set_("param_dtype", _float_dtype("LoraConfig.param_dtype", self.param_dtype))
+        set_("param_dtype", float_dtype("LoraConfig.param_dtype", self.param_dtype))
         trainable = (self.trainable,) if isinstance(self.trainable, str) else tuple(self.trainable)
         for pattern in trainable:
             _compile("trainable", pattern)

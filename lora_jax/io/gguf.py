@@ -36,9 +36,9 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.config import float_dtype
 from lora_jax.models.llama import LlamaConfig
 
 try:
@@ -93,7 +93,9 @@ def read_gguf(path: PathLike, *, dtype: Any = None) -> tuple[LlamaConfig, Params
       TypeError: `dtype` is not a floating dtype.
     """
     require_gguf("read_gguf")
-    dtype = _float_dtype(dtype)
+    dtype = (
+        np.dtype(np.float32) if dtype is None else float_dtype("read_gguf: dtype", dtype, TypeError)
+    )
     reader = open_gguf(path)
     metadata = read_metadata(reader)
     if metadata.get("split.count", 1) > 1:
@@ -173,18 +175,6 @@ class _Reader(gguf.GGUFReader if gguf is not None else object):
         if in_data and int(offset) + np.dtype(dtype).itemsize * int(count) > len(self.data):
             return np.zeros(int(count), dtype)
         return super()._get(offset, dtype, count, *args, **kwargs)
-
-
-def _float_dtype(dtype: Any) -> np.dtype:
-    if dtype is None:
-        return np.dtype(np.float32)
-    try:
-        d = np.dtype(dtype)
-    except TypeError:
-        d = None
-    if d is None or not jnp.issubdtype(d, jnp.floating):
-        raise TypeError(f"read_gguf: dtype must be a floating dtype, got {dtype!r}.")
-    return d
 
 
 def _config(metadata: dict, reader: Any, path: PathLike, dtype: np.dtype) -> LlamaConfig:

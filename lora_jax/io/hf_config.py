@@ -33,7 +33,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.config import dtype_name
+from lora_jax.config import dtype_name, float_dtype
 from lora_jax.io.hf_names import ARCHITECTURES
 from lora_jax.models.llama import LlamaConfig
 from lora_jax.models.rope import RopeScaling
@@ -141,14 +141,7 @@ def config_dtype(hf: Mapping[str, Any], where: str = CONFIG_FILE) -> np.dtype | 
     name = hf.get("dtype") or hf.get("torch_dtype")
     if name is None or name == "auto":
         return None
-    name = str(name).removeprefix("torch.")
-    try:
-        found = jnp.dtype(name)
-    except TypeError:
-        found = None
-    if found is None or not jnp.issubdtype(found, jnp.floating):
-        raise ValueError(f"{where} has dtype {name!r}; expected a floating dtype.")
-    return found
+    return float_dtype(f"{where}: dtype", str(name).removeprefix("torch."))
 
 
 def architecture(hf: Mapping[str, Any], where: str) -> str:
