@@ -1,6 +1,7 @@
-"""How a file's adapters join a base model's parameters: shared by lora_jax's own adapter
-files (`lora_jax.io.adapter_files`) and PEFT's (`lora_jax.io.peft`), so that both give exactly
-the tree `lora_jax.init` gives."""
+"""What a tree must be to be saved as an adapter, and how a file's adapters join a base model's
+parameters: shared by lora_jax's own adapter files (`lora_jax.io.adapter_files`) and PEFT's
+(`lora_jax.io.peft`), so that both check alike and give exactly the tree `lora_jax.init`
+gives."""
 
 from __future__ import annotations
 
@@ -17,7 +18,34 @@ from lora_jax.adapters.plan import Plan
 from lora_jax.adapters.records import Quantized
 from lora_jax.adapters.variant import variant_for
 from lora_jax.config import LoraConfig
+from lora_jax.io import _leaves
+from lora_jax.ops.partition import partition
 from lora_jax.quant.formats import QuantizedTensor
+
+
+def to_save(params: Any, config: Any) -> tuple[dict, Plan, dict, dict]:
+    """The unboxed tree to save, its plan, and its trainable and frozen halves; raises unless
+    `params` is a whole tree from `lora_jax.init` with adapters that `config` describes."""
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a lora_jax.LoraConfig, got {type(config).__name__}.")
+    if not isinstance(params, Mapping) or _paths.LORA not in params:
+        raise ValueError(
+            f"params must be the whole tree from lora_jax.init, with its '{_paths.LORA}' "
+            "collection."
+        )
+    values = _trees.unbox_tree(params)
+    plan = Plan.of(values)
+    trainable, frozen = partition(values)
+    _trees.raise_problems(
+        "params' trainable half does not fit the LoraConfig",
+        _leaves.trainable_problems(_trees.flat(trainable), config),
+    )
+    if not plan.adapters:
+        raise ValueError("params holds no adapter: nothing to save.")
+    _trees.raise_problems(
+        "params' adapters were not made with this LoraConfig", record_problems(plan, config)
+    )
+    return values, plan, trainable, frozen
 
 
 def base_leaves(base_params: Mapping) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -40,7 +40,6 @@ from lora_jax.adapters.records import Adapter
 from lora_jax.config import LoraConfig
 from lora_jax.io import _assembly, _leaves
 from lora_jax.io.config_json import config_from_dict, config_to_dict, dumps, table_hash
-from lora_jax.ops.partition import partition
 from lora_jax.quant.formats import QuantizedTensor, dequantize_matrix
 
 PathLike = str | os.PathLike
@@ -79,27 +78,8 @@ def save_adapter(directory: PathLike, params: Mapping, config: LoraConfig) -> Pa
       >>> loaded_cfg == cfg
       True
     """
-    if not isinstance(config, LoraConfig):
-        raise TypeError(f"config must be a lora_jax.LoraConfig, got {type(config).__name__}.")
-    if not isinstance(params, Mapping) or _paths.LORA not in params:
-        raise ValueError(
-            f"params must be the whole tree from lora_jax.init, with its '{_paths.LORA}' "
-            "collection."
-        )
-    values = _trees.unbox_tree(params)
-    plan = Plan.of(values)
-    trainable, frozen = partition(values)
+    values, plan, trainable, frozen = _assembly.to_save(params, config)
     tensors = _trees.flat(trainable)
-    _trees.raise_problems(
-        "params' trainable half does not fit the LoraConfig",
-        _leaves.trainable_problems(tensors, config),
-    )
-    if not plan.adapters:
-        raise ValueError("params holds no adapter: nothing to save.")
-    _trees.raise_problems(
-        "params' adapters were not made with this LoraConfig",
-        _assembly.record_problems(plan, config),
-    )
     flat_frozen = _trees.flat(frozen)
     base = {
         k: _leaves.spec(v) for k, v in flat_frozen.items() if not k.startswith(_paths.LORA + "/")

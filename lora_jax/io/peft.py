@@ -70,9 +70,8 @@ from lora_jax.adapters.geometry import Geometry
 from lora_jax.adapters.plan import Plan
 from lora_jax.adapters.records import Adapter
 from lora_jax.config import ALL_LINEAR, LoraConfig, matches_names
-from lora_jax.io import _assembly, _leaves
+from lora_jax.io import _assembly
 from lora_jax.io.hf_names import LLAMA, NameMap
-from lora_jax.ops.partition import partition
 from lora_jax.quant.formats import QuantizedTensor
 
 PathLike = str | os.PathLike
@@ -325,26 +324,7 @@ def save_peft(
       >>> loaded_cfg.targets, loaded_cfg.scale_for("layers_0/self_attn/q_proj")
       (('q_proj', 'v_proj'), 2.0)
     """
-    if not isinstance(config, LoraConfig):
-        raise TypeError(f"config must be a lora_jax.LoraConfig, got {type(config).__name__}.")
-    if not isinstance(params, Mapping) or _paths.LORA not in params:
-        raise ValueError(
-            f"params must be the whole tree from lora_jax.init, with its '{_paths.LORA}' "
-            "collection."
-        )
-    values = _trees.unbox_tree(params)
-    plan = Plan.of(values)
-    trainable, _ = partition(values)
-    _trees.raise_problems(
-        "params' trainable half does not fit the LoraConfig",
-        _leaves.trainable_problems(_trees.flat(trainable), config),
-    )
-    if not plan.adapters:
-        raise ValueError("params holds no adapter: nothing to save.")
-    _trees.raise_problems(
-        "params' adapters were not made with this LoraConfig",
-        _assembly.record_problems(plan, config),
-    )
+    values, plan, _, _ = _assembly.to_save(params, config)
     flat = _trees.flat(values)
     model = _Model.of({_paths.to_param(k): v for k, v in flat.items() if _in_params(k)}, names)
     problems: list[str] = []
