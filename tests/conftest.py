@@ -69,6 +69,28 @@ def randomize_adapters(params, key, scale=0.5):
     return traverse_util.unflatten_dict(flat, sep="/")
 
 
+def random_hf_model(config):
+    """A transformers causal LM of `config` with every weight drawn at random (norm scales
+    around 1), float32, in eval mode. Needs torch and transformers (callers skip without)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(0.2 * torch.randn_like(p) + (1.0 if "norm" in name else 0.0))
+    return model.eval()
+
+
+def torch_logits(model, ids):
+    """A torch causal LM's logits for token ids, as NumPy."""
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.numpy()
+
+
 def assert_close(actual, expected, dtype, reference=None):
     """Asserts two outputs agree to the tolerance of `dtype`, relative to the output's size."""
     reference = expected if reference is None else reference

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import randomize_adapters
+from conftest import random_hf_model, randomize_adapters, torch_logits
 from flax.core import meta
 from jax.sharding import PartitionSpec
 from safetensors.numpy import load_file, save_file
@@ -84,18 +84,11 @@ HF_CASES = {
 
 def hf_model(config_class, **overrides):
     """A transformers model with every weight drawn at random (norm scales around 1)."""
-    config = getattr(transformers, config_class)(**{**SIZES, **overrides})
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(0.2 * torch.randn_like(p) + (1.0 if "norm" in name else 0.0))
-    return model.eval()
+    return random_hf_model(getattr(transformers, config_class)(**{**SIZES, **overrides}))
 
 
 def hf_logits(model, ids=IDS):
-    with torch.no_grad():
-        return model(torch.tensor(ids)).logits.numpy()
+    return torch_logits(model, ids)
 
 
 def rel_error(actual, expected):

@@ -15,7 +15,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import QC, leaves_by_path, randomize_adapters, records_by_path, same_arrays
+from conftest import (
+    QC,
+    leaves_by_path,
+    random_hf_model,
+    randomize_adapters,
+    records_by_path,
+    same_arrays,
+    torch_logits,
+)
 from safetensors.numpy import load_file, save_file
 
 import lora_jax as lj
@@ -56,18 +64,7 @@ def rel_error(actual, expected):
 
 def hf_model(tied):
     """A transformers Llama with every weight drawn at random (norm scales around 1)."""
-    config = transformers.LlamaConfig(**SIZES, tie_word_embeddings=tied)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(0.2 * torch.randn_like(p) + (1.0 if "norm" in name else 0.0))
-    return model.eval()
-
-
-def torch_logits(model, ids=IDS):
-    with torch.no_grad():
-        return model(torch.tensor(ids)).logits.numpy()
+    return random_hf_model(transformers.LlamaConfig(**SIZES, tie_word_embeddings=tied))
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +147,7 @@ def test_save_peft_gives_peft_lora_jax_logits(bases, made, tmp_path, name):
     assert set(written) >= set(peft.LoraConfig().to_dict()) - {"target_modules"}
     assert written["peft_type"] == "LORA" and written["task_type"] == "CAUSAL_LM"
     peft_model = peft.PeftModel.from_pretrained(fresh(bases, CASES[name][0]), tmp_path).eval()
-    expected = torch_logits(peft_model)
+    expected = torch_logits(peft_model, IDS)
     assert rel_error(logits, expected) <= 1e-4
     assert rel_error(model.apply(base, IDS), expected) > 1e-2  # the adapters matter
     # PEFT computes the very scales lora_jax has
@@ -265,7 +262,7 @@ def test_load_peft_gives_peft_logits_and_merge(bases, peft_adapter):
     assert cfg.targets == "all-linear" and cfg.trainable == ("lm_head/kernel",)
     assert cfg.rank_pattern == (("layers_1/mlp/down_proj", 6), ("q_proj", 2))
     assert cfg.alpha_pattern == (("v_proj", 3),) and cfg.use_rslora
-    assert rel_error(lj.LoRA(model, cfg).apply(params, IDS), torch_logits(peft_model)) <= 1e-4
+    assert rel_error(lj.LoRA(model, cfg).apply(params, IDS), torch_logits(peft_model, IDS)) <= 1e-4
     merged = lj.merge(params)
     hf = {k: v.numpy() for k, v in peft_model.merge_and_unload().state_dict().items()}
     for path_, value in jax.tree_util.tree_flatten_with_path(merged["params"])[0]:
@@ -296,7 +293,7 @@ def test_load_peft_regex_targets_exclude_and_an_adapted_head(bases, tmp_path):
         "lm_head",
     )
     assert cfg.dropout == 0.05
-    assert rel_error(lj.LoRA(model, cfg).apply(params, IDS), torch_logits(peft_model)) <= 1e-4
+    assert rel_error(lj.LoRA(model, cfg).apply(params, IDS), torch_logits(peft_model, IDS)) <= 1e-4
     edit_tensors(
         tmp_path,
         lambda t: t.update({PREFIX + "lm_head.base_layer.weight": np.zeros((128, 32), np.float32)}),
@@ -353,7 +350,7 @@ def test_load_peft_tied_embedding_adapter(bases, tmp_path):
     model, base = load_pretrained(bases["tied"])
     params, cfg = load_peft(tmp_path, base)
     assert cfg.targets == ("embed_tokens", "q_proj")
-    assert rel_error(lj.LoRA(model, cfg).apply(params, IDS), torch_logits(peft_model)) <= 1e-4
+    assert rel_error(lj.LoRA(model, cfg).apply(params, IDS), torch_logits(peft_model, IDS)) <= 1e-4
 
 
 # --------------------------------------------------------------------------- errors
