@@ -65,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale alpha / rank)")
+    p.add_argument("--rslora", action="store_true", help="rank-stabilized scale alpha / sqrt(rank)")
     p.add_argument(
         "--targets", default="q_proj,v_proj", help="comma-separated module names, or all-linear"
     )
@@ -223,6 +224,14 @@ class DateTask:
         samples = [(q, a, e) for a, (q, e) in zip(answers[:3], self.held[:3], strict=True)]
         return float(np.mean(right)), samples
 
+    def held_out_loss(self, model: Any, params: Any) -> float:
+        """Mean loss per response token on the held-out pairs (teacher forcing)."""
+        ids, mask = (jnp.asarray(x) for x in self._encode(self.held))
+        loss = jax.jit(
+            lambda p: self.loss_fn(lambda x: model.apply(p, x), {"ids": ids, "mask": mask})
+        )
+        return float(loss(params))
+
     def check_input(self) -> Any:
         return jnp.asarray(self.ids[:2, :-1])
 
@@ -245,8 +254,18 @@ def lora_config(args: argparse.Namespace) -> lj.LoraConfig:
         dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
         quantize = lj.QuantConfig(fmt="nf4", compute_dtype=dtype)
     return lj.LoraConfig(
-        rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=targets, quantize=quantize
+        rank=args.rank,
+        alpha=args.alpha,
+        use_rslora=args.rslora,
+        dropout=args.dropout,
+        targets=targets,
+        quantize=quantize,
     )
+
+
+def schedule(lr: float, steps: int) -> optax.Schedule:
+    """10 warm-up steps to `lr`, then cosine decay to 0 at `steps`."""
+    return optax.warmup_cosine_decay_schedule(0.0, lr, 10, max(steps, 11))
 
 
 def fail(message: str) -> None:
@@ -272,10 +291,7 @@ def fine_tune(args: argparse.Namespace, task: Any) -> dict:
 
     before, samples = task.evaluate(lora_model, params)  # the adapters start at zero: the base
     report(task, "before fine-tuning", before, samples)
-    tx = lj.optimizer(
-        optax.adamw(optax.warmup_cosine_decay_schedule(0.0, args.lr, 10, max(args.steps, 11))),
-        params,
-    )
+    tx = lj.optimizer(optax.adamw(schedule(args.lr, args.steps)), params)
     step = lj.make_train_step(lora_model, task.loss_fn, tx)  # skips a NaN/inf update, counted
     rng = jax.random.fold_in(key, 2) if args.dropout > 0 else None
     opt_state, start, losses, resumed_from = step.init(params), 0, [], None

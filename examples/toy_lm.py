@@ -163,6 +163,9 @@ class Task:
     def evaluate(self, model: Any, params: Any) -> tuple[float, list]:
         return eval_loss(model.apply, params, self.held), []
 
+    def held_out_loss(self, model: Any, params: Any) -> float:
+        return self.evaluate(model, params)[0]
+
     def check_input(self) -> Any:
         return self.held[0]["inputs"]
 

@@ -11,6 +11,8 @@ scan-stacked kernels agrees with the SVD of ``merge(params) - W``, reads a 4-bit
 dequantized, and a bad or missing leaf raises naming its path.
 """
 
+import re
+
 import chex
 import hypothesis
 import hypothesis.strategies as st
@@ -329,3 +331,111 @@ def test_adapter_report_of_a_bad_leaf_names_its_path():
     del tree["params"]["q"]["kernel_lora_b"]
     with pytest.raises(ValueError, match=r"lacks its leaf 'params/q/kernel_lora_b'"):
         analysis.adapter_report(tree)
+
+
+# --------------------------------------------------------------------------- two trees
+
+
+def _tree(a, b, scale=1.0, shape=None):
+    shape = shape or (a.shape[0], b.shape[1])
+    g = Geometry(shape, 0, 1, a.shape[-1])
+    return {"params": {"q": {"kernel_lora_a": a, "kernel_lora_b": b}},
+            "lora": {"q": {"kernel_lora": Adapter(g, scale)}}}  # fmt: skip
+
+
+def test_compare_adapters_of_nested_ranks_and_every_side():
+    a8, b8 = _normal(30, (32, 8)), _normal(31, (8, 16))
+    small = _tree(a8[:, :2], b8[:2])  # the r = 2 adapter spans part of the r = 8 one
+    big = _tree(a8, b8)
+    for side in analysis.SIDES:
+        phi = analysis.compare_adapters(small, big, side=side)["params/q/kernel"]
+        chex.assert_shape(phi, (2, 8))
+        same = analysis.compare_adapters(big, big, side=side)["params/q/kernel"]
+        np.testing.assert_allclose(same, np.ones((8, 8)), atol=1e-5)  # a span against itself
+    # A's side: span(A_2) lies in span(A_8), so phi(i, 8) = 1 for every i.
+    phi_a = analysis.compare_adapters(small, big)["params/q/kernel"]
+    np.testing.assert_allclose(phi_a[:, -1], 1.0, atol=1e-5)
+    other = _tree(_normal(32, (32, 8)), _normal(33, (8, 16)))  # independent: ~ max(i, j) / 32
+    phi_r = analysis.compare_adapters(small, other)["params/q/kernel"]
+    assert float(phi_r[0, 0]) < 0.5 and float(phi_r[:, -1].mean()) < 0.6
+
+
+def test_compare_adapters_bad_input_names_what():
+    a, b = _normal(34, (8, 2)), _normal(35, (2, 4))
+    with pytest.raises(ValueError, match="side must be one of a, b, delta_in, delta_out"):
+        analysis.compare_adapters(_tree(a, b), _tree(a, b), side="left")
+    wide = _tree(_normal(36, (8, 2)), _normal(37, (2, 6)))
+    with pytest.raises(
+        ValueError, match=r"Cannot compare: 'params/q/kernel' .* \(8, 4\) .* \(8, 6\)"
+    ):
+        analysis.compare_adapters(_tree(a, b), wide)
+    elsewhere = {
+        "params": {"k": _tree(a, b)["params"]["q"]},
+        "lora": {"k": _tree(a, b)["lora"]["q"]},
+    }
+    with pytest.raises(ValueError, match=r"no adapter in common.*params/k/kernel"):
+        analysis.compare_adapters(_tree(a, b), elsewhere)
+
+
+# --------------------------------------------------------------------------- the report command
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A tiny Llama saved as a Hugging Face directory, and two adapters on it: rank 2
+    (lora_jax files) and rank 4 (PEFT files)."""
+    from lora_jax.hf import save_peft, save_pretrained
+    from lora_jax.models import Llama, LlamaConfig
+
+    root = tmp_path_factory.mktemp("analysis")
+    model, tokens = Llama(LlamaConfig.tiny(num_layers=2)), jnp.zeros((1, 8), jnp.int32)
+    base = _random_base(model, tokens)
+    save_pretrained(root / "base", model, base)
+    trees = {}
+    for rank, save in ((2, lj.save_adapter), (4, save_peft)):
+        cfg = lj.LoraConfig(rank=rank, targets=("q_proj", "v_proj"))
+        params = lj.init(lj.LoRA(model, cfg), jax.random.key(rank), tokens, base_params=base)
+        trees[rank] = randomize_adapters(params, jax.random.key(rank), 0.1)
+        save(root / f"r{rank}", trees[rank], cfg)
+    return root, trees
+
+
+def test_report_command_prints_tables_and_writes_plots(saved_run, capsys):
+    from lora_jax.analysis import report
+
+    root, trees = saved_run
+    out = root / "out"
+    result = report.main([str(root / "r2"), str(root / "r4"), "--base", str(root / "base"),
+                          "--out", str(out), "--panels", "2"])  # fmt: skip
+    text = capsys.readouterr().out
+    assert "layers_0/self_attn/q_proj" in text and "top direction shared" in text
+    expected = analysis.adapter_report(trees[2])
+    by_module = sorted(expected, key=lambda k: (k.split("/")[3], k))  # module, then depth
+    assert [r["adapter"] for r in result["spectra"]] == by_module
+    for row in result["spectra"]:
+        np.testing.assert_allclose(
+            row["singular_values"], expected[row["adapter"]].singular_values, rtol=1e-4
+        )
+    phis = analysis.compare_adapters(trees[2], trees[4])
+    for row in result["similarity"]["rows"]:
+        np.testing.assert_allclose(row["phi"], phis[row["adapter"]], atol=1e-5)
+        assert row["random_mean"] == pytest.approx(np.mean([[max(i, j) for j in range(1, 5)]
+                                                            for i in (1, 2)]) / 64)  # fmt: skip
+    written = {p.name for p in out.iterdir()}
+    assert written == {"report.json", "spectra.png", "phi_q_proj.png", "phi_v_proj.png"}
+
+
+def test_report_command_bad_input_is_one_line(saved_run, capsys):
+    from lora_jax.analysis import report
+
+    root, _ = saved_run
+    for argv, message in [
+        ([str(root / "nowhere"), "--base", str(root / "base")], "ADAPTER '.*nowhere' is not a directory"),
+        ([str(root / "base"), "--base", str(root / "base")], "is not an adapter directory"),
+        ([str(root / "r2"), "--base", str(root / "r2")], "--base .*r2"),
+    ]:  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            report.main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err) and len(err.strip().splitlines()) == 1, err

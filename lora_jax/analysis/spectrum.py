@@ -1,5 +1,5 @@
-"""What an adapter learned: the spectrum of ΔW, its effective rank, its subspace, and how it
-relates to the weight it adapts (Hu et al. 2021, "LoRA", §7).
+"""The spectrum of ΔW, its effective rank, its subspaces, and how it relates to the weight it
+adapts (Hu et al. 2021, "LoRA", §7): functions on matrices, and `adapter_report` on a tree.
 
 Layout. lora_jax stores a kernel W as (in, out), A as (in, rank) and B as (rank, out), and
 ΔW = scale · A @ B maps in → out (the transpose of the paper's W₀ ∈ ℝ^{d×k}, A ∈ ℝ^{r×k},
@@ -428,10 +428,26 @@ def adapter_report(
       >>> r.rank, r.singular_values.round(4).tolist(), r.rank_90.item(), r.stable_rank.item()
       (1, [10.0], 1, 1.0)
     """
+    out = {}
+    for label, (record, a, b, kernel) in adapters(params, what="analyse").items():
+        w = _kernel(kernel, record.geometry) if with_amplification else None
+        gauss = None
+        if w is not None:
+            g = record.geometry
+            shape = _gauss_shape(w.shape, min(g.fan_in, g.rank, g.fan_out))
+            rng = np.random.default_rng((seed, zlib.crc32(label.encode())))
+            gauss = rng.standard_normal(shape, np.float32)
+        out[label] = _report(record, a, b, w, gauss)
+    return out
+
+
+def adapters(params: Mapping[str, Any], *, what: str = "read") -> dict[str, tuple]:
+    """Label -> (record, A, B, kernel or None) of every plain-LoRA adapter in a lora_jax tree,
+    sorted; A and B as stored (multi-axis, stacked). Every missing or misfit leaf and every
+    adapter of another variant is listed in one ValueError ("Cannot {what}: ...")."""
     flat = _trees.flat(params)
-    plan = Plan.of(params)
     problems, found = [], {}
-    for (param, name), record in sorted(plan.adapters.items()):
+    for (param, name), record in sorted(Plan.of(params).adapters.items()):
         if record.variant != "lora":
             problems.append(
                 f"Adapter of '{param}' is of variant {record.variant!r}: the analysis reads "
@@ -450,20 +466,19 @@ def adapter_report(
         kernel = _trees.unbox(flat.get(param))
         stored = _stored_shape(record.geometry, leaves["a"]) if kernel is None else kernel.shape
         problems += record.geometry.problems(param, stored, {k: v.shape for k, v in leaves.items()})
-        found[(param, name)] = (record, leaves["a"], leaves["b"], kernel)
-    _trees.raise_problems("Cannot analyse", problems)
-    out = {}
-    for (param, name), (record, a, b, kernel) in found.items():
         label = param if name == _paths.DEFAULT else f"{param}@{name}"
-        w = _kernel(kernel, record.geometry) if with_amplification else None
-        gauss = None
-        if w is not None:
-            g = record.geometry
-            shape = _gauss_shape(w.shape, min(g.fan_in, g.rank, g.fan_out))
-            rng = np.random.default_rng((seed, zlib.crc32(label.encode())))
-            gauss = rng.standard_normal(shape, np.float32)
-        out[label] = _report(record, a, b, w, gauss)
-    return out
+        found[label] = (record, leaves["a"], leaves["b"], kernel)
+    _trees.raise_problems(f"Cannot {what}", problems)
+    return found
+
+
+def as_matrices(geometry: Geometry, a: Array, b: Array) -> tuple[Array, Array]:
+    """A as (lead..., fan_in, rank) and B as (lead..., rank, fan_out): input axes and output
+    axes flattened; batch axes (per-head) and stacked axes (nn.scan) stay leading."""
+    g = geometry
+    a_m = a.reshape((*a.shape[: a.ndim - g.n_in - 1], g.fan_in, g.rank))
+    b_m = b.reshape((*b.shape[: b.ndim - g.n_out - 1], g.rank, g.fan_out))
+    return a_m, b_m
 
 
 def _stored_shape(geometry: Geometry, a: Array) -> tuple[int, ...]:
@@ -492,8 +507,7 @@ def _report(
     record: Adapter, a: Array, b: Array, w: Array | None, gauss: np.ndarray | None
 ) -> AdapterReport:
     g = record.geometry
-    a_m = a.reshape((*a.shape[: a.ndim - g.n_in - 1], g.fan_in, g.rank))
-    b_m = b.reshape((*b.shape[: b.ndim - g.n_out - 1], g.rank, g.fan_out))
+    a_m, b_m = as_matrices(g, a, b)
     s, ranks, amp = _figures(a_m, b_m, w, jnp.float32(record.scale), gauss)
     return AdapterReport(
         rank=g.rank,
