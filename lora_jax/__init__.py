@@ -3,13 +3,15 @@
 Adapters on unmodified Flax models, pure tree transforms (labels, partition, merge), and a
 jit-compiled train step that differentiates only the adapters. Extension points live in their
 own namespaces: `lora_jax.rules` (layer kinds), `lora_jax.adapters` (geometry, records,
-variants), `lora_jax.quant` (4-bit formats and matmul), `lora_jax.io` (files).
+variants), `lora_jax.quant` (4-bit formats and matmul), `lora_jax.io` (files). Tools:
+`lora_jax.analysis` (what an adapter learned) and `lora_jax.memory` (a train step's bytes).
 """
 
 from lora_jax import adapters, io, quant, rules
 from lora_jax.config import LoraConfig, QuantConfig
 from lora_jax.io import Checkpoint, CheckpointManager, load_adapter, save_adapter
 from lora_jax.linen import LoRA, init, plan
+from lora_jax.memory import MemoryEstimate, estimate_memory
 from lora_jax.ops import (
     RequantizeReport,
     Summary,
@@ -32,6 +34,7 @@ __all__ = [
     "CheckpointManager",
     "LoRA",
     "LoraConfig",
+    "MemoryEstimate",
     "QuantConfig",
     "QuantizedTensor",
     "RequantizeReport",
@@ -41,6 +44,7 @@ __all__ = [
     "adapters",
     "combine",
     "dequantize",
+    "estimate_memory",
     "init",
     "io",
     "labels",

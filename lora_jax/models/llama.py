@@ -74,9 +74,9 @@ REMAT_POLICIES = (
 class LlamaConfig:
     """Shapes and dtypes of `Llama`, validated on construction.
 
-    The presets `tiny`, `small`, `llama_1b` and `llama3_8b` take keyword overrides, applied
-    before validation, so a derived `head_dim` follows an overridden `hidden_size` (whereas
-    `dataclasses.replace` on a config keeps its resolved `head_dim`).
+    The presets `tiny`, `small`, `llama_1b`, `llama_3b`, `llama3_8b` and `llama3_70b` take
+    keyword overrides, applied before validation, so a derived `head_dim` follows an overridden
+    `hidden_size` (whereas `dataclasses.replace` on a config keeps its resolved `head_dim`).
 
     Attributes:
       vocab_size, hidden_size, intermediate_size, num_layers: vocabulary and layer sizes.
@@ -262,6 +262,29 @@ class LlamaConfig:
         )
 
     @classmethod
+    def llama_3b(cls, **overrides: Any) -> LlamaConfig:
+        """Llama-3.2-3B shapes (3,212,749,824 parameters), bfloat16."""
+        return cls(
+            **{
+                **dict(
+                    vocab_size=128256,
+                    hidden_size=3072,
+                    intermediate_size=8192,
+                    num_layers=28,
+                    num_heads=24,
+                    num_kv_heads=8,
+                    head_dim=128,
+                    rope_theta=500000.0,
+                    tie_embeddings=True,
+                    max_seq_len=8192,
+                    dtype=jnp.bfloat16,
+                    param_dtype=jnp.bfloat16,
+                ),
+                **overrides,
+            }
+        )
+
+    @classmethod
     def llama3_8b(cls, **overrides: Any) -> LlamaConfig:
         """Llama-3-8B shapes (8,030,261,248 parameters), bfloat16."""
         return cls(
@@ -272,6 +295,28 @@ class LlamaConfig:
                     intermediate_size=14336,
                     num_layers=32,
                     num_heads=32,
+                    num_kv_heads=8,
+                    rope_theta=500000.0,
+                    tie_embeddings=False,
+                    max_seq_len=8192,
+                    dtype=jnp.bfloat16,
+                    param_dtype=jnp.bfloat16,
+                ),
+                **overrides,
+            }
+        )
+
+    @classmethod
+    def llama3_70b(cls, **overrides: Any) -> LlamaConfig:
+        """Llama-3-70B shapes (70,553,706,496 parameters), bfloat16."""
+        return cls(
+            **{
+                **dict(
+                    vocab_size=128256,
+                    hidden_size=8192,
+                    intermediate_size=28672,
+                    num_layers=80,
+                    num_heads=64,
                     num_kv_heads=8,
                     rope_theta=500000.0,
                     tie_embeddings=False,
