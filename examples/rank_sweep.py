@@ -15,6 +15,7 @@ The two scalings agree at rank 8 (the main example's default, scale 2): alpha = 
 alpha / r, alpha = 16 / sqrt(8) under rsLoRA. Away from rank 8, alpha / r shrinks the update
 as the rank grows, rsLoRA much less, which is why the best learning rate drifts with the rank
 under alpha / r (Kalajdzievski 2023); run several --lrs to see whether it does on this task.
+At rank 8 the two scalings are the same run, made once.
 
 Run: python examples/rank_sweep.py                          (12 runs of about 2 minutes)
      python examples/rank_sweep.py --ranks 1,8,64 --lrs 5e-4,8e-3
@@ -45,6 +46,7 @@ from lora_jax import analysis
 
 SCALINGS = {"alpha_r": "alpha / r", "rslora": "alpha / sqrt(r) (rsLoRA)"}
 REFERENCE_RANK, REFERENCE_SCALE = 8, 2.0  # both scalings give scale 2 at rank 8
+TWIN = {"alpha_r": "rslora", "rslora": "alpha_r"}
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argparse.Namespace]:
@@ -151,6 +153,12 @@ def sweep(own: argparse.Namespace, args: argparse.Namespace) -> dict:
         }
     for i, (scaling, rank, lr, seed) in enumerate(todo):
         name = run_name(scaling, rank, lr, seed)
+        twin = run_name(TWIN[scaling], rank, lr, seed)
+        if rank == REFERENCE_RANK and twin in results["runs"]:  # the same scale: the same run
+            results["runs"][name] = {**results["runs"][twin], "scaling": scaling, "same_as": twin}
+            path.write_text(json.dumps(results, indent=1))
+            print(f"[{i + 1}/{len(todo)}] {name}: the same run as {twin} (scale 2 under both)")
+            continue
         print(f"[{i + 1}/{len(todo)}] {name}")
         args.rank, args.lr, args.seed = rank, lr, seed
         args.alpha, args.rslora = alpha_for(scaling), scaling == "rslora"
@@ -190,11 +198,7 @@ def table(results: dict) -> str:
 
 def _by_rank(results: dict, scaling: str, lr: float) -> dict[int, float]:
     """Rank -> the metric averaged over seeds, for one scaling and learning rate."""
-    values: dict[int, list] = {}
-    for r in results["runs"].values():
-        if r["scaling"] == scaling and r["lr"] == lr:
-            values.setdefault(r["rank"], []).append(r["metric"])
-    return {rank: float(np.mean(v)) for rank, v in sorted(values.items())}
+    return _series(results, scaling, lr, "metric")
 
 
 def recommend(results: dict, tolerance: float) -> list[str]:
@@ -211,12 +215,15 @@ def recommend(results: dict, tolerance: float) -> list[str]:
         by_rank = _by_rank(results, scaling, lr)
         best_rank = better(by_rank, key=by_rank.get)
         best = by_rank[best_rank]
-        pick = min(r for r, v in by_rank.items() if sign * (best - v) <= tolerance)
-        lines.append(
-            f"{SCALINGS[scaling]} at lr {lr:g}: rank {pick} ({_shown(results, by_rank[pick])}) is "
-            f"within {tolerance:g} of the best, rank {best_rank} ({_shown(results, best)}); ranks "
-            f"tried: " + ", ".join(f"{k}: {_shown(results, v)}" for k, v in by_rank.items())
+        pick = min(r for r, v in by_rank.items() if sign * (best - v) <= tolerance + 1e-9)
+        verdict = (
+            f"rank {pick} ({_shown(results, by_rank[pick])}) is the best"
+            if pick == best_rank
+            else f"rank {pick} ({_shown(results, by_rank[pick])}) is within {tolerance:g} of "
+            f"the best, rank {best_rank} ({_shown(results, best)})"
         )
+        tried = ", ".join(f"{k}: {_shown(results, v)}" for k, v in by_rank.items())
+        lines.append(f"{SCALINGS[scaling]} at lr {lr:g}: {verdict}; ranks tried: {tried}")
         if len(lrs) > 1:
             best_lr = {}
             for rank in sorted({r["rank"] for r in runs}):
@@ -232,8 +239,18 @@ def recommend(results: dict, tolerance: float) -> list[str]:
     return lines
 
 
+def _series(results: dict, scaling: str, lr: float, key: str) -> dict[int, float]:
+    """Rank -> `key` averaged over seeds, for one scaling and learning rate."""
+    values: dict[int, list] = {}
+    for r in results["runs"].values():
+        if r["scaling"] == scaling and r["lr"] == lr:
+            values.setdefault(r["rank"], []).append(r[key])
+    return {rank: float(np.mean(v)) for rank, v in sorted(values.items())}
+
+
 def plot(results: dict, path: Path) -> Path | None:
-    """Metric against rank (per scaling and lr), trainable parameters and effective rank."""
+    """Against rank: the metric and held-out loss (per scaling and lr), trainable parameters,
+    and the effective rank of ΔW."""
     try:
         import matplotlib
 
@@ -243,33 +260,41 @@ def plot(results: dict, path: Path) -> Path | None:
         print("matplotlib is not installed (pip install -e '.[examples]'): no plot.")
         return None
     runs = list(results["runs"].values())
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.3))
-    for scaling, style in zip(SCALINGS, ("-o", "--s"), strict=True):
-        for i, lr in enumerate(sorted({r["lr"] for r in runs if r["scaling"] == scaling})):
-            by_rank = _by_rank(results, scaling, lr)
-            axes[0].plot(list(by_rank), list(by_rank.values()), style, color=f"C{i}",
-                         label=f"{SCALINGS[scaling]}, lr {lr:g}")  # fmt: skip
-    axes[0].axhline(results["base"]["metric"], color="gray", ls=":", label="base model")
+    lrs = sorted({r["lr"] for r in runs})
+    styles = dict(zip(lrs, ("-o", "--s", ":^", "-.v", "-D"), strict=False))
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.3))
     name = results["metric"]["name"]
-    axes[0].set(title=f"{name[0].upper()}{name[1:]} (held out)", ylabel=name)
+    for color, scaling in zip(("C0", "C1"), SCALINGS, strict=True):
+        for lr in lrs:
+            label = f"{SCALINGS[scaling]}, lr {lr:g}"
+            for ax, key in ((axes[0], "metric"), (axes[1], "held_out_loss")):
+                series = _series(results, scaling, lr, key)
+                if series:
+                    ax.plot(
+                        list(series), list(series.values()), styles[lr], color=color, label=label
+                    )
+        for key, style in (("stable_rank", "-o"), ("entropy_rank", "--s")):
+            series = _series(results, scaling, lrs[0] if len(lrs) == 1 else 2e-3, key)
+            if series:
+                label = f"{key.replace('_', ' ')}, {SCALINGS[scaling]}"
+                axes[3].plot(list(series), list(series.values()), style, color=color, label=label)
+    base = _shown(results, results["base"]["metric"])
+    axes[0].set(title=f"{name[0].upper()}{name[1:]}, held out (base model: {base})", ylabel=name)
+    axes[1].set(title="Held-out loss", ylabel="loss (nats/token)", yscale="log")
     ranks = sorted({r["rank"] for r in runs})
     trainable = {r["rank"]: r["trainable"] for r in runs}
-    axes[1].plot(ranks, [trainable[k] for k in ranks], "-o", label="A and B of every adapter")
-    axes[1].set(title="Trainable parameters", yscale="log")
-    for scaling, style in zip(SCALINGS, ("-o", "--s"), strict=True):
-        pts = sorted((r["rank"], r["stable_rank"]) for r in runs if r["scaling"] == scaling)
-        if pts:
-            axes[2].plot(*zip(*pts, strict=True), style, label=SCALINGS[scaling])
-    axes[2].plot(ranks, ranks, ":", color="gray", label="rank r")
-    axes[2].set(title="Stable rank of ΔW (mean over adapters)", yscale="log")
-    axes[2].yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    axes[2].yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes[2].plot(ranks, [trainable[k] for k in ranks], "-o", color="C2", label="A and B")
+    axes[2].set(title="Trainable parameters", yscale="log")
+    axes[3].plot(ranks, ranks, ":", color="gray", label="rank r")
+    axes[3].set(title="Effective rank of ΔW (mean over adapters)", yscale="log")
+    axes[3].yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axes[3].yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     for ax in axes:
         ax.set(xlabel="rank r", xscale="log")
         ax.set_xticks(ranks, [str(k) for k in ranks])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

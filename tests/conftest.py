@@ -317,7 +317,7 @@ def tiny_llama():
 
     cfg = LlamaConfig.tiny(num_layers=1)
     model, tokens = Llama(cfg), jax.random.randint(jax.random.key(22), (2, 17), 0, 256)
-    return model, tokens, model.init(jax.random.key(23), tokens[:, :-1])
+    return model, tokens, jax.jit(model.init)(jax.random.key(23), tokens[:, :-1])
 
 
 @pytest.fixture(scope="module")

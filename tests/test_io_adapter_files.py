@@ -96,7 +96,7 @@ def test_qlora_adapter_loads_onto_dense_and_quantized_bases(tmp_path):
     """The returned config describes the base it was loaded onto, so the pair works."""
     model = Llama(LlamaConfig.tiny(num_layers=1))
     tokens = jnp.zeros((1, 8), jnp.int32)
-    base = model.init(jax.random.key(0), tokens)
+    base = jax.jit(model.init)(jax.random.key(0), tokens)
     cfg = lj.LoraConfig(
         rank=2, targets=("q_proj",), quantize=lj.QuantConfig(compute_dtype=jnp.float32)
     )
@@ -138,7 +138,7 @@ def test_load_adapter_onto_another_base_names_the_paths(llama_run, tmp_path):
 def test_load_adapter_refuses_the_merged_model_it_came_from(tmp_path, dtype):
     model = Llama(LlamaConfig.tiny(param_dtype=dtype, dtype=dtype))
     ids = jnp.zeros((1, 8), jnp.int32)
-    base = model.init(jax.random.key(0), ids)
+    base = jax.jit(model.init)(jax.random.key(0), ids)
     cfg = lj.LoraConfig(rank=4, targets=("q_proj", "v_proj"))
     params = randomize_adapters(
         lj.init(lj.LoRA(model, cfg), jax.random.key(1), ids, base_params=base),

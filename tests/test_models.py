@@ -42,7 +42,7 @@ def lively(params, seed=0, std=0.15):
 @pytest.fixture(scope="module")
 def tiny():
     model = Llama(LlamaConfig.tiny())
-    params = lively(model.init(jax.random.key(1), IDS))
+    params = lively(jax.jit(model.init)(jax.random.key(1), IDS))
     return model, params, jax.jit(model.apply)
 
 
@@ -111,7 +111,7 @@ def test_param_paths_follow_hugging_face(tiny):
             f"layers_{i}/{n}/scale": (64,) for n in ("input_layernorm", "post_attention_layernorm")
         }
     assert shapes == expected
-    fresh = leaves_by_path(model.init(jax.random.key(1), IDS)["params"])
+    fresh = leaves_by_path(jax.jit(model.init)(jax.random.key(1), IDS)["params"])
     chex.assert_trees_all_equal(fresh["layers_1/post_attention_layernorm/scale"], jnp.ones(64))
     for path in ("embed_tokens/embedding", "layers_0/mlp/up_proj/kernel", "lm_head/kernel"):
         assert 0.015 < float(jnp.std(fresh[path])) < 0.025, path
@@ -127,7 +127,7 @@ def test_matches_numpy_transcription_of_hugging_face(tiny):
 def test_tied_embeddings():
     cfg = LlamaConfig.tiny(tie_embeddings=True, num_kv_heads=1)
     model = Llama(cfg)
-    params = lively(model.init(jax.random.key(1), IDS))
+    params = lively(jax.jit(model.init)(jax.random.key(1), IDS))
     assert "lm_head" not in params["params"]
     assert sum(v.size for v in jax.tree.leaves(params)) == cfg.num_params()
     logits = jax.jit(model.apply)(params, IDS)

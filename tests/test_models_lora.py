@@ -28,7 +28,7 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 )
 def test_llama_identity_and_merge(tie, rank, alpha, rslora, dtype):
     model = Llama(LlamaConfig.tiny(tie_embeddings=tie, dtype=dtype, param_dtype=dtype))
-    base = model.init(jax.random.key(1), IDS)
+    base = jax.jit(model.init)(jax.random.key(1), IDS)  # compiled: one program, not op by op
     targets = ALL_LINEAR + (("embed_tokens",) if tie else ("lm_head", "embed_tokens"))
     lora_model = lj.LoRA(
         model, lj.LoraConfig(rank=rank, alpha=alpha, use_rslora=rslora, targets=targets)
@@ -37,7 +37,7 @@ def test_llama_identity_and_merge(tie, rank, alpha, rslora, dtype):
     apply_lora, apply_base = jax.jit(lora_model.apply), jax.jit(model.apply)
     chex.assert_trees_all_equal(apply_lora(params, IDS), apply_base(base, IDS))
     params = randomize_adapters(params, jax.random.key(3), scale=0.05)
-    merged = lj.merge(params)
+    merged = jax.jit(lj.merge)(params)
     chex.assert_trees_all_equal_structs(merged, base)
     chex.assert_trees_all_equal_dtypes(merged, base)
     assert_close(apply_lora(params, IDS), apply_base(merged, IDS), dtype)
@@ -45,7 +45,7 @@ def test_llama_identity_and_merge(tie, rank, alpha, rslora, dtype):
 
 def test_llama_adapter_paths():
     model = Llama(LlamaConfig.tiny())
-    base = model.init(jax.random.key(1), IDS)
+    base = jax.jit(model.init)(jax.random.key(1), IDS)
     cfg = lj.LoraConfig(rank=4, targets=("q_proj", "v_proj"), rank_pattern={"layers_1/.*": 2})
     flat = leaves_by_path(lj.init(lj.LoRA(model, cfg), jax.random.key(2), IDS, base_params=base))
     assert flat["params/layers_0/self_attn/q_proj/kernel_lora_a"].shape == (64, 4)
@@ -56,7 +56,7 @@ def test_llama_adapter_paths():
 
 def test_llama_lora_training_lowers_loss_and_keeps_base():
     model = Llama(LlamaConfig.tiny())
-    base = model.init(jax.random.key(1), IDS)
+    base = jax.jit(model.init)(jax.random.key(1), IDS)
     lora_model = lj.LoRA(model, lj.LoraConfig(rank=4, targets=ALL_LINEAR, dropout=0.1))
     params = lj.init(lora_model, jax.random.key(2), IDS, base_params=base)
     tx = lj.optimizer(optax.adamw(1e-2), params)
@@ -117,7 +117,7 @@ def test_scan_remat_lora_identity_and_merge(remat):
     apply_lora, apply_base = jax.jit(lora_model.apply), jax.jit(model.apply)
     chex.assert_trees_all_equal(apply_lora(params, IDS), apply_base(base, IDS))
     params = randomize_adapters(params, jax.random.key(3), scale=0.05)
-    merged = lj.merge(params)
+    merged = jax.jit(lj.merge)(params)
     chex.assert_trees_all_equal_structs(merged, base)
     assert_close(apply_lora(params, IDS), apply_base(merged, IDS), jnp.float32)
 
@@ -188,7 +188,7 @@ def test_qlora_with_scan_stacked_layers():
     """Under nn.scan every leaf of a stacked QuantizedTensor is sliced per layer."""
     model = Llama(LlamaConfig.tiny(scan_layers=True))
     tokens = jax.random.randint(jax.random.key(30), (2, 17), 0, 256)
-    base = model.init(jax.random.key(31), tokens[:, :-1])
+    base = jax.jit(model.init)(jax.random.key(31), tokens[:, :-1])
     cfg = lj.LoraConfig(targets=("q_proj", "v_proj"), quantize=QC(targets=".*_proj"))
     lora = lj.LoRA(model, cfg)
     params = lj.init(lora, jax.random.key(32), tokens[:, :-1], base_params=base)

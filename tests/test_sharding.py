@@ -352,7 +352,7 @@ def test_mesh_step_errors_say_what_differs(llama, reference):
 def test_quantization_keeps_logical_boxes_and_trains_on_a_mesh():
     model = Llama(LlamaConfig.tiny(num_layers=1, logical_axes=True))
     tokens = jax.random.randint(jax.random.key(45), (2, 17), 0, 256)
-    base = model.init(jax.random.key(46), tokens[:, :-1])
+    base = jax.jit(model.init)(jax.random.key(46), tokens[:, :-1])
     cfg = lj.LoraConfig(targets=("q_proj", "v_proj"), quantize=QC(block_size=32))
     lora = lj.LoRA(model, cfg)
     params = lj.init(lora, jax.random.key(47), tokens[:, :-1], base_params=base)

@@ -231,7 +231,7 @@ def test_non_float_leaves_pass_through_the_step():
 def test_llama_lora_lowers_causal_lm_loss():
     model = Llama(LlamaConfig.tiny())
     ids = jax.random.randint(jax.random.key(11), (2, 17), 0, 256)
-    base = model.init(jax.random.key(12), ids[:, :-1])
+    base = jax.jit(model.init)(jax.random.key(12), ids[:, :-1])
     lora_model = lj.LoRA(model, lj.LoraConfig(rank=4, targets=("q_proj", "v_proj")))
     params = lj.init(lora_model, jax.random.key(13), ids[:, :-1], base_params=base)
     step = lj.make_train_step(

@@ -163,7 +163,8 @@ def similarity_table(rows_: Sequence[dict], side: str) -> str:
     return "\n".join(lines)
 
 
-def _modules(rows_: Sequence[dict]) -> dict[str, list[dict]]:
+def by_module(rows_: Sequence[dict]) -> dict[str, list[dict]]:
+    """Rows grouped by module name (q_proj, v_proj, ...), in their order."""
     by: dict[str, list[dict]] = {}
     for r in rows_:
         by.setdefault(r["module"], []).append(r)
@@ -176,8 +177,8 @@ def _layer_axis(rs: Sequence[dict]) -> list:
 
 def plot_spectra(rows_: Sequence[dict], path: Path) -> Path:
     """Per module: σᵢ / σ₁ of every layer's ΔW, and the effective ranks against depth."""
-    by = _modules(rows_)
-    fig = Figure(figsize=(11, 3.6 * len(by)))
+    by = by_module(rows_)
+    fig = Figure(figsize=(11, 3.6 * len(by)), layout="constrained")
     axes = fig.subplots(len(by), 2, squeeze=False)
     for (module, rs), (left, right) in zip(by.items(), axes, strict=True):
         layers = _layer_axis(rs)
@@ -208,7 +209,6 @@ def plot_spectra(rows_: Sequence[dict], path: Path) -> Path:
         right.legend(loc="upper left", fontsize=8)
         for ax in (left, right):
             ax.grid(alpha=0.3)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
 
@@ -216,9 +216,9 @@ def plot_spectra(rows_: Sequence[dict], path: Path) -> Path:
 def plot_similarity(sim: Sequence[dict], out: Path, names: tuple[str, str], panels: int) -> list:
     """Per module, φ(i, j) heatmaps for `panels` layers spread evenly over the depth."""
     paths = []
-    for module, rs in _modules(sim).items():
+    for module, rs in by_module(sim).items():
         picks = sorted({round(k) for k in np.linspace(0, len(rs) - 1, min(panels, len(rs)))})
-        fig = Figure(figsize=(3.4 * len(picks) + 1, 3.4))
+        fig = Figure(figsize=(3.2 * len(picks) + 1.2, 3.4), layout="constrained")
         axes = fig.subplots(1, len(picks), squeeze=False)[0]
         image = None
         for ax, k in zip(axes, picks, strict=True):

@@ -488,15 +488,11 @@ def _stored_shape(geometry: Geometry, a: Array) -> tuple[int, ...]:
     return (*lead, *geometry.shape)
 
 
-# Compiled: eagerly, each decoding op would compile on its own (~10x slower on first use).
-_dequantized = jax.jit(dequantize, static_argnums=1)
-
-
 def _kernel(kernel: Any, geometry: Geometry) -> Array | None:
     """The kernel as (lead..., fan_in, fan_out) float32, or None when it cannot be read."""
     w = _trees.unbox(kernel)
     if isinstance(w, QuantizedTensor):
-        w = _dequantized(w, jnp.float32)
+        w = dequantize(w, jnp.float32)
     if w is None or not jnp.issubdtype(jnp.result_type(w), jnp.floating):
         return None
     lead = w.ndim - len(geometry.shape) + geometry.n_batch

@@ -141,8 +141,11 @@ def _merged(
     if not requantize:
         return _trees.rebox(boxed, merged.astype(w.dtype)), None
     again = requantize_like(merged, w, path=_paths.to_param(path))
-    lost = jnp.linalg.norm(dequantize(again, f32) - merged)
     size = jnp.linalg.norm(delta)
+    # A zero ΔW keeps the 4-bit kernel as it was: quantizing its own dequantized values need
+    # not give back the same codes bit for bit.
+    again = jax.tree.map(lambda new, old: jnp.where(size > 0, new, old), again, w)
+    lost = jnp.linalg.norm(dequantize(again, f32) - merged)
     safe = jnp.where(size > 0, size, 1.0)
     error = jnp.where(size > 0, lost / safe, jnp.where(lost > 0, jnp.inf, 0.0))
     return _trees.rebox(boxed, again), error

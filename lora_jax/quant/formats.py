@@ -359,7 +359,15 @@ def dequantize(x: QuantizedTensor | Mapping, dtype: Any = None) -> Any:
     """
     if not isinstance(x, QuantizedTensor):
         return dequantize_tree(x, dtype)
-    return dequantize_matrix(x, dtype).reshape(x.shape)
+    return _dequantize(x, jnp.dtype(x.dtype if dtype is None else dtype))
+
+
+# Compiled as one program: called eagerly (merge, analysis, a user's script), the decoding ops
+# would each compile on their own, about 8x slower on first use (1.2 s against 0.15 s for a
+# small kernel on CPU). Under an outer jit it is inlined.
+@functools.partial(jax.jit, static_argnums=1)
+def _dequantize(qt: QuantizedTensor, dtype: Any) -> Array:
+    return dequantize_matrix(qt, dtype).reshape(qt.shape)
 
 
 # --------------------------------------------------------------------------- trees
