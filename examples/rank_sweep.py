@@ -51,7 +51,9 @@ TWIN = {"alpha_r": "rslora", "rslora": "alpha_r"}
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argparse.Namespace]:
     """The sweep's own flags, and the finetune_lm flags for everything else."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=training.HelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=training.HelpFormatter, allow_abbrev=False
+    )  # no abbreviations: --rank must not be read as --ranks
     p.add_argument("--ranks", default="1,2,4,8,16,64", help="comma-separated ranks")
     p.add_argument("--lrs", default="2e-3", help="comma-separated peak learning rates")
     p.add_argument(

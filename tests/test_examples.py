@@ -146,3 +146,63 @@ def test_docstring_corpus_is_prose():
     prose, code = toy_lm.docstring_corpus(files), toy_lm.code_corpus(files)
     assert len(prose) > 10_000 and b"def " in code
     assert prose.count(b"def ") < code.count(b"def ") / 10
+
+
+# --------------------------------------------------------------------------- the rank sweep
+
+
+def test_rank_sweep_runs_once_per_run_and_reuses_the_rank_8_twin(tmp_path, capsys):
+    import rank_sweep
+
+    argv = [*TOY[:-2], "--steps", "3", "--ranks", "8", "--out", str(tmp_path)]
+    results = rank_sweep.main(argv)
+    runs = results["runs"]
+    assert sorted(runs) == ["alpha_r-r8-lr0.002-s0", "rslora-r8-lr0.002-s0"]
+    assert runs["rslora-r8-lr0.002-s0"]["same_as"] == "alpha_r-r8-lr0.002-s0"  # scale 2 in both
+    assert (tmp_path / "alpha_r-r8-lr0.002-s0" / "adapter" / "adapter.safetensors").is_file()
+    assert runs["alpha_r-r8-lr0.002-s0"]["alpha"] == 16.0
+    assert runs["alpha_r-r8-lr0.002-s0"]["trainable"] > 0
+    capsys.readouterr()
+    again = rank_sweep.main(argv)  # every run is in results.json: nothing is trained again
+    assert again["runs"] == runs and "LoRA fine-tune" not in capsys.readouterr().out
+
+
+def test_rank_sweep_recommends_the_smallest_rank_within_tolerance():
+    import rank_sweep
+
+    def run(scaling, rank, lr, metric):
+        return {"scaling": scaling, "rank": rank, "lr": lr, "seed": 0, "metric": metric}
+
+    results = {
+        "metric": {"name": "exact-match accuracy", "higher_is_better": True},
+        "base": {"metric": 0.03},
+        "runs": {
+            str(i): run(*r)
+            for i, r in enumerate([("alpha_r", 1, 2e-3, 0.90), ("alpha_r", 4, 2e-3, 0.95),
+                                   ("alpha_r", 16, 2e-3, 0.97), ("alpha_r", 4, 8e-3, 0.96),
+                                   ("rslora", 1, 2e-3, 0.80), ("rslora", 4, 2e-3, 0.99)])
+        },
+    }  # fmt: skip
+    alpha_r, lrs, rslora = rank_sweep.recommend(results, tolerance=0.02)
+    assert alpha_r.startswith("alpha / r at lr 0.002: rank 4 (95%) is within 0.02 of the best")
+    assert lrs == "  best learning rate per rank under alpha / r: r4: 0.008"
+    assert "rank 4 (99%) is the best" in rslora
+    loss = {**results, "metric": {"name": "held-out loss", "higher_is_better": False}}
+    assert "rank 1 (0.9000) is the best" in rank_sweep.recommend(loss, tolerance=0.0)[0]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--rank", "4"], "--rank is set by the sweep"),
+        (["--scalings", "alpha_r,sqrt"], "--scalings must be of alpha_r, rslora"),
+        (["--ranks", "1,x"], "--ranks, --lrs and --seeds take comma-separated numbers"),
+        (["--ranks", "0"], "ranks and learning rates must be positive"),
+    ],
+)
+def test_rank_sweep_bad_flags_name_the_flag(argv, message, capsys):
+    import rank_sweep
+
+    with pytest.raises(SystemExit) as e:
+        rank_sweep.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
