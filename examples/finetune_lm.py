@@ -143,7 +143,7 @@ class DateTask:
         self.model, self.variables = lora_jax.hf.load_pretrained(path, dtype=jnp.float32)
         self.tokenizer = lora_jax.hf.Tokenizer.from_gguf(path)
         n = self.model.cfg.num_params()
-        print(f"loaded {path.name}: {n:,} parameters in {time.perf_counter() - begin:.1f} s")
+        print(f"loaded {path}: {n:,} parameters in {time.perf_counter() - begin:.1f} s")
         train, held = self._pairs(args)
         self.stop = [t for t in {self.tokenizer.eos_id} if t is not None]
         self.ids, self.mask = self._encode(train)
