@@ -47,7 +47,15 @@ hypothesis.settings.register_profile(
     "default", max_examples=5, deadline=None, derandomize=True, print_blob=True
 )
 hypothesis.settings.register_profile("thorough", max_examples=200, deadline=None, print_blob=True)
-hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "default")
+hypothesis.settings.load_profile(PROFILE)
+
+
+def few_examples(n: int = 3) -> hypothesis.settings:
+    """For a property test that compiles several programs per example: `n` examples in the
+    default profile (the suite's time limit), the profile's own count otherwise."""
+    return hypothesis.settings(max_examples=n) if PROFILE == "default" else hypothesis.settings()
+
 
 # Bound for bfloat16 comparisons: bf16 keeps 8 significant bits (relative step 2**-8); the
 # merged kernel is rounded to bf16 once and the unmerged path rounds the base output and the

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import QC, assert_close, leaves_by_path, randomize_adapters
+from conftest import QC, assert_close, few_examples, leaves_by_path, randomize_adapters
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -80,6 +80,7 @@ def _build(kind, sizes, dtype, **cfg):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@few_examples()  # 6 kinds x 3 examples, 5 compiled programs each
 @given(sizes=dims, alpha=st.floats(0.5, 32.0), rslora=st.booleans(), dtype=dtypes)
 def test_merge_equals_unmerged(kind, sizes, alpha, rslora, dtype):
     model, lora_model, base, params, x, a_shape, b_shape = _build(
