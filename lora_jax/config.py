@@ -21,6 +21,7 @@ ALL_LINEAR = "all-linear"  # PEFT's special `targets` value
 OUTPUT_HEADS = ("lm_head",)  # what "all-linear" leaves out
 QUANT_FORMATS = ("nf4", "fp4", "int4")
 QUANT_KERNELS = ("auto", "xla", "pallas")
+VARIANTS = ("lora", "dora")
 
 Pattern = tuple[tuple[str, Any], ...]
 
@@ -203,6 +204,9 @@ class LoraConfig:
         ``("lm_head/kernel",)`` or ``("norm/scale", ".*_layernorm/scale")`` (PEFT's
         modules_to_save), matched like `rank_pattern` keys against parameter paths.
       quantize: a `QuantConfig` to keep the frozen base kernels in 4 bits (QLoRA), or None.
+      variant: "lora" (plain LoRA) or "dora" (DoRA, weight-decomposed LoRA: a trainable
+        magnitude per output feature rescales the adapted kernel's columns; linear layers
+        only, without `quantize`). See `lora_jax.adapters.dora`.
     """
 
     rank: int = 8
@@ -217,6 +221,7 @@ class LoraConfig:
     param_dtype: Any = jnp.float32
     trainable: tuple[str, ...] = ()
     quantize: QuantConfig | None = None
+    variant: str = "lora"
 
     def __post_init__(self) -> None:
         _check_rank("rank", self.rank)
@@ -247,6 +252,8 @@ class LoraConfig:
             raise TypeError(
                 f"LoraConfig.quantize must be a lora_jax.QuantConfig or None, got {self.quantize!r}."
             )
+        if self.variant not in VARIANTS:
+            raise ValueError(f"LoraConfig.variant must be one of {VARIANTS}, got {self.variant!r}.")
 
     def is_target(self, path: str, *, linear: bool = True) -> bool:
         """Whether the module at `path` gets an adapter (`linear`: whether it is a linear

@@ -552,3 +552,46 @@ def test_save_peft_replaces_the_adapter_atomically(made, tmp_path, monkeypatch):
     save_peft(path, params, cfg)
     assert (path / "adapter_model.safetensors").read_bytes() == first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+# --------------------------------------------------------------------------- DoRA
+
+
+def test_dora_gives_peft_use_dora_logits_and_save_peft_refuses_it(bases, tmp_path):
+    """lora_jax's DoRA computes what PEFT's `use_dora=True` computes, on the same weights
+    (eval mode, so dropout plays no part); a PEFT file cannot hold it yet."""
+    torch.manual_seed(5)
+    config = peft.LoraConfig(
+        task_type="CAUSAL_LM", r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], use_dora=True
+    )
+    peft_model = peft.get_peft_model(fresh(bases, "untied"), config).eval()
+    tensors = {}
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:  # A, B and the magnitude, moved off their initial values
+                p.copy_(
+                    p * (1 + 0.2 * torch.randn_like(p))
+                    if "magnitude" in name
+                    else 0.3 * torch.randn_like(p)
+                )
+                tensors[name] = p.detach().numpy().copy()
+    model, base = load_pretrained(bases["untied"])
+    cfg = lj.LoraConfig(rank=2, alpha=4.0, targets=("q_proj", "v_proj"), variant="dora")
+    params = lj.init(lj.LoRA(model, cfg), jax.random.key(1), IDS, base_params=base)
+    leaves = {"lora_A": ("a", np.transpose), "lora_B": ("b", np.transpose)}
+    leaves["lora_magnitude_vector"] = ("m", lambda v: v)
+    for name, value in tensors.items():
+        hf, kind = name.removeprefix(PREFIX).split(".lora_", 1)
+        kind = "lora_" + kind.split(".")[0]
+        leaf, fix = leaves[kind]
+        module = params["params"]
+        for key in LLAMA.from_hf(hf).split("/"):
+            module = module[key]
+        module[f"kernel_lora_{leaf}"] = jnp.asarray(fix(value))
+    logits = lj.LoRA(model, cfg).apply(params, IDS)
+    expected = torch_logits(peft_model, IDS)
+    assert rel_error(logits, expected) <= 1e-4
+    assert rel_error(model.apply(base, IDS), expected) > 1e-2  # the adapters matter
+    assert rel_error(model.apply(lj.merge(params), IDS), expected) <= 1e-4
+    with pytest.raises(ValueError, match="variant 'dora' is not plain LoRA"):
+        save_peft(tmp_path, params, cfg)

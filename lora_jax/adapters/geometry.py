@@ -177,10 +177,12 @@ class Geometry:
         Args:
           path: the adapted parameter's path, for the messages.
           stored: the stored parameter's shape.
-          leaves: the stored shapes of the adapter's leaves by leaf name ("a", "b").
+          leaves: the stored shapes of the adapter's leaves by leaf name ("a", "b", "m").
         """
         try:
             expected = self.leaf_shapes(stored)
+            # A per-output-feature leaf (DoRA's magnitude m): (stacked..., batch..., out...).
+            expected["m"] = expected["b"][: len(expected["b"]) - self.n_out - 1] + self.out_shape
         except ValueError as e:
             return [
                 f"Parameter '{path}' has shape {tuple(stored)} but its adapter was made for "

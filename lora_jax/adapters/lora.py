@@ -10,12 +10,12 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.adapters.geometry import Geometry, Shape
-from lora_jax.adapters.variant import Call, Dropout, register_variant
+from lora_jax.adapters.variant import Additive, Call, Dropout, register_variant
 
 Array = jax.Array
 
 
-class Lora:
+class Lora(Additive):
     """The "lora" variant: leaves "a" and "b"."""
 
     name = "lora"

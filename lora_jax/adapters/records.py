@@ -25,7 +25,8 @@ class Adapter:
     Attributes:
       geometry: where its leaves lie against the parameter (shapes, axis split, rank).
       scale: the factor on ΔW: alpha / rank, or alpha / sqrt(rank) with rsLoRA.
-      variant: the adapter variant's name ("lora"), see `lora_jax.adapters.variants`.
+      variant: the adapter variant's name ("lora" or "dora", `LoraConfig.variant`), see
+        `lora_jax.adapters.variant`.
     """
 
     geometry: Geometry = struct.field(**_STATIC)

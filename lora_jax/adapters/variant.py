@@ -5,6 +5,11 @@ and what they add to the parameter when merged. Plain LoRA (`lora_jax.adapters.l
 a variant that needs the base weight to start (PiSSA, OLoRA, ...) reads it in `init`. The
 layer-kind rules (`lora_jax.rules`) stay unaware of variants: a variant calls its rule for the
 layer-specific contraction.
+
+Most variants add to the output and to the weight (`forward`, `delta_weight`); `Additive`
+gives them `output` (base output + `forward`) and `merged_weight` (kernel + `delta_weight`).
+A variant that rescales the whole output, as DoRA does (`lora_jax.adapters.dora`), overrides
+`output` and `merged_weight`, which see the base output and the kernel.
 """
 
 from __future__ import annotations
@@ -76,6 +81,60 @@ class Variant(Protocol):
         """What the adapter adds to the parameter when merged, as a dense float32 array (with
         the leaves' leading stacked axes, if any)."""
         ...
+
+    def output(
+        self,
+        rule: Any,
+        call: Call,
+        leaves: Mapping[str, Array],
+        scale: float,
+        dropout: Dropout,
+        dtype: Any,
+        base: Array,
+        kernel: Array,
+    ) -> Array:
+        """The method's output with the adapter, from its output without (`base`, in its own
+        dtype, which the result keeps) and the layer's (dense) `kernel` as the layer sees it."""
+        ...
+
+    def merged_weight(
+        self, geometry: Geometry, kernel: Array, leaves: Mapping[str, Array], scale: float
+    ) -> Array:
+        """The merged parameter in float32, from the float32 `kernel` (leading stacked axes as
+        the leaves have them)."""
+        ...
+
+    def refuses(self, rule: Any, quantized: bool) -> str | None:
+        """Why this variant cannot adapt a layer of `rule`'s kind (a 4-bit kernel when
+        `quantized`), for the error message; None when it can."""
+        ...
+
+
+class Additive:
+    """The defaults of a variant that adds to the output and to the weight: `output` is
+    ``base + forward(...)``, `merged_weight` is ``kernel + delta_weight(...)``."""
+
+    def output(
+        self,
+        rule: Any,
+        call: Call,
+        leaves: Mapping[str, Array],
+        scale: float,
+        dropout: Dropout,
+        dtype: Any,
+        base: Array,
+        kernel: Array,
+    ) -> Array:
+        delta = self.forward(rule, call, leaves, scale, dropout, dtype)  # type: ignore[attr-defined]
+        return base + delta.astype(base.dtype)
+
+    def merged_weight(
+        self, geometry: Geometry, kernel: Array, leaves: Mapping[str, Array], scale: float
+    ) -> Array:
+        return kernel + self.delta_weight(geometry, leaves, scale)  # type: ignore[attr-defined]
+
+    def refuses(self, rule: Any, quantized: bool) -> str | None:
+        return None
 
 
 _VARIANTS: dict[str, Variant] = {}

@@ -134,7 +134,7 @@ def _intercept(
         return out
     trace.targeted.add(path)
     with _busy(trace):
-        return out + _adapter_output(cfg, rule, record, _Call(module, method, args, kwargs), out)
+        return _adapter_output(cfg, rule, record, _Call(module, method, args, kwargs), out)
 
 
 class _busy:
@@ -169,13 +169,20 @@ def _linear(rule: Rule | None) -> bool:
 
 
 def _expected(
-    cfg: LoraConfig, rule: Rule, geometry_shape: tuple, split: Split, path: str
+    cfg: LoraConfig, rule: Rule, module: nn.Module, geometry_shape: tuple, split: Split, path: str
 ) -> Adapter | None:
     """The record that the config calls for at `path` (None: not targeted)."""
     if not cfg.is_target(path, linear=_linear(rule)):
         return None
+    why = variant_for(cfg.variant).refuses(rule, _quantizable(cfg, rule, path))
+    if why is not None:
+        raise ValueError(
+            f"LoraConfig(variant={cfg.variant!r}) targets '{path}' ({type(module).__name__}), "
+            f"which it cannot adapt: {why}. Leave '{path}' out of LoraConfig.targets (or "
+            "add it to exclude), or use variant='lora'."
+        )
     geometry = Geometry.of(geometry_shape, split, cfg.rank_for(path))
-    return Adapter(geometry, cfg.scale_for(path), "lora")
+    return Adapter(geometry, cfg.scale_for(path), cfg.variant)
 
 
 def _adapter_record(
@@ -200,12 +207,12 @@ def _adapter_record(
         module.get_variable(_paths.LORA, name) if module.has_variable(_paths.LORA, name) else None
     )
     if planning and found is None:
-        expected = _expected(cfg, rule, shape, split, path)
+        expected = _expected(cfg, rule, module, shape, split, path)
         if expected is not None:
             _check_floating(module, rule, path)
             module.scope.variable(_paths.LORA, name, lambda: expected)
         return expected
-    _check_record(cfg, path, rule.param, found, _expected(cfg, rule, shape, split, path))
+    _check_record(cfg, path, rule.param, found, _expected(cfg, rule, module, shape, split, path))
     return found
 
 
@@ -262,6 +269,7 @@ def _check_record(
 
 
 def _adapter_output(cfg: LoraConfig, rule: Rule, record: Adapter, call: _Call, out: Array) -> Array:
+    """The method's output with the adapter (the variant's `output`, from `out` without it)."""
     module = call.module
     variant = variant_for(record.variant)
     kernel = module.get_variable("params", rule.param)
@@ -271,8 +279,10 @@ def _adapter_output(cfg: LoraConfig, rule: Rule, record: Adapter, call: _Call, o
     }
     x = call.args[0] if call.args else None
     dtype = x.dtype if x is not None and jnp.issubdtype(x.dtype, jnp.floating) else out.dtype
-    delta = variant.forward(rule, call, leaves, record.scale, _dropout(cfg, module), dtype)
-    return delta.astype(out.dtype)
+    dropout = _dropout(cfg, module)
+    return variant.output(
+        rule, call, leaves, record.scale, dropout, dtype, out, _trees.unbox(kernel)
+    )
 
 
 def _leaf(

@@ -21,7 +21,8 @@ Tree = Mapping[str, Any]
 
 
 def merge(params: Tree, *, requantize: bool = False) -> Any:
-    """Folds every adapter into its parameter: ``W + scale * A @ B``, in float32.
+    """Folds every adapter into its parameter: ``W + scale * A @ B``, in float32 (DoRA:
+    ``m / ‖W + scale * A @ B‖ ⊙ (W + scale * A @ B)``, column by column).
 
     The result is the tree of the original model: adapter leaves and the "lora" collection
     are removed, every merged parameter keeps its dtype (and its sharding metadata box).
@@ -160,9 +161,13 @@ def _delta(leaves: list[dict], records: tuple[Adapter, ...]) -> Array:
 
 @functools.partial(jax.jit, static_argnums=(2,))
 def _fold(w: Array, leaves: list[dict], records: tuple[Adapter, ...]) -> Array:
-    """``W + ΔW`` in float32, cast back to W's dtype: one compiled call per kernel shape and
-    record (eagerly, the ops would each dispatch on their own)."""
-    return (w.astype(jnp.float32) + _delta(leaves, records)).astype(w.dtype)
+    """The merged parameter (``W + ΔW`` for plain LoRA; each variant's `merged_weight`, one
+    adapter after another) in float32, cast back to W's dtype: one compiled call per kernel
+    shape and record (eagerly, the ops would each dispatch on their own)."""
+    merged = w.astype(jnp.float32)
+    for r, leaf in zip(records, leaves, strict=True):
+        merged = variant_for(r.variant).merged_weight(r.geometry, merged, leaf, r.scale)
+    return merged.astype(w.dtype)
 
 
 @struct.dataclass

@@ -76,6 +76,28 @@ class LinearRule(Rule):
         h = jnp.einsum(f"{x_spec},{a_spec}->{h_spec}", dropout(x.astype(a.dtype)), a)
         return jnp.einsum(f"{h_spec},{b_spec}->{y_spec}", h, b)
 
+    def per_output(self, module: nn.Module, args: tuple, kwargs: dict, values: Array) -> Array:
+        """`values` over the parameter's batch and output axes, (batch..., out...) — the
+        layout of the layer's bias — laid out to broadcast against the method's output."""
+        x = args[0]
+        _, p_spec, y_spec = _expand(self.spec(module, x, kwargs), x.ndim)
+        split = self.split(module, (0,) * len(p_spec), args, kwargs)
+        v_spec = p_spec[: split.n_batch] + p_spec[split.n_batch + split.n_in :]
+        order = "".join(c for c in y_spec if c in v_spec)
+        values = _transpose(values, v_spec, order)
+        return values.reshape([values.shape[order.index(c)] if c in order else 1 for c in y_spec])
+
+    def bias(self, module: nn.Module, args: tuple, kwargs: dict) -> Array | None:
+        """The bias the layer adds, laid out to broadcast against the method's output (its
+        axes are the output's axes that the parameter has, in the output's order), or None."""
+        bias = _bias(module, _paths.module_path(module), "DoRA")
+        if bias is None:
+            return None
+        x = args[0]
+        _, p_spec, y_spec = _expand(self.spec(module, x, kwargs), x.ndim)
+        shape = iter(bias.shape)
+        return bias.reshape([next(shape) if c in p_spec else 1 for c in y_spec])
+
     def quantized_forward(
         self,
         module: nn.Module,
@@ -145,15 +167,17 @@ def _transpose(x: Array, spec: str, to: str) -> Array:
     return jnp.transpose(x, [spec.index(c) for c in to])
 
 
-def _bias(module: nn.Module, path: str) -> Array | None:
-    """The bias the layer adds, for the quantized forward (which computes the whole output)."""
+def _bias(module: nn.Module, path: str, user: str = "4-bit") -> Array | None:
+    """The bias the layer adds, for the quantized forward (which computes the whole output)
+    and DoRA (which rescales the output without it)."""
     if not module.has_variable("params", "bias"):
         return None
     if not hasattr(module, "use_bias"):
+        fix = "of QuantConfig.targets" if user == "4-bit" else "of LoraConfig.targets"
         raise ValueError(
-            f"'{path}' has a 'bias' parameter but no `use_bias` attribute: the 4-bit forward "
-            "cannot tell whether the layer adds it. Give the layer `use_bias`, or leave it out "
-            "of QuantConfig.targets."
+            f"'{path}' has a 'bias' parameter but no `use_bias` attribute: the {user} forward "
+            f"cannot tell whether the layer adds it. Give the layer `use_bias`, or leave it out "
+            f"{fix}."
         )
     return _trees.unbox(module.get_variable("params", "bias")) if module.use_bias else None
 
