@@ -13,14 +13,22 @@ from lora_jax.io import Checkpoint, CheckpointManager, load_adapter, save_adapte
 from lora_jax.linen import LoRA, init, plan
 from lora_jax.memory import MemoryEstimate, estimate_memory
 from lora_jax.ops import (
+    Combination,
     RequantizeReport,
     Summary,
+    adapter_names,
+    add_adapter,
+    add_weighted_adapter,
     combine,
+    delete_adapter,
+    keep_adapters,
     labels,
     merge,
     partition,
+    rename_adapter,
     summary,
     trainable_paths,
+    unmerge,
 )
 from lora_jax.optim import optimizer
 from lora_jax.quant import QuantizedTensor, dequantize, quantize
@@ -32,6 +40,7 @@ __version__ = "0.2.0"
 __all__ = [
     "Checkpoint",
     "CheckpointManager",
+    "Combination",
     "LoRA",
     "LoraConfig",
     "MemoryEstimate",
@@ -41,12 +50,17 @@ __all__ = [
     "Summary",
     "TrainStep",
     "__version__",
+    "adapter_names",
     "adapters",
+    "add_adapter",
+    "add_weighted_adapter",
     "combine",
+    "delete_adapter",
     "dequantize",
     "estimate_memory",
     "init",
     "io",
+    "keep_adapters",
     "labels",
     "load_adapter",
     "make_train_step",
@@ -58,9 +72,11 @@ __all__ = [
     "plan",
     "quant",
     "quantize",
+    "rename_adapter",
     "rules",
     "save_adapter",
     "shard",
     "summary",
     "trainable_paths",
+    "unmerge",
 ]

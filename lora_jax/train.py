@@ -27,7 +27,7 @@ collectives. The same code runs on many hosts (`jax.distributed.initialize` firs
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -95,8 +95,10 @@ class TrainStep:
         donate: bool,
         skip_nonfinite: bool,
         layout: _Layout | None = None,
+        adapters: tuple[str, ...] | None = None,
     ) -> None:
         self.apply, self.loss_fn, self.has_aux = apply, loss_fn, has_aux
+        self.adapters = adapters
         self.skip_nonfinite = skip_nonfinite
         self.tx = optax.apply_if_finite(tx, _NEVER) if skip_nonfinite else tx
         self.mesh = None if layout is None else layout.mesh
@@ -107,7 +109,7 @@ class TrainStep:
 
     def init(self, params: Tree) -> optax.OptState:
         """Optimizer state for the trainable leaves of `params` (placed on the mesh, if any)."""
-        trainable = _trees.unbox_tree(partition(params)[0])
+        trainable = _trees.unbox_tree(partition(params, self.adapters)[0])
         if self._layout is None:
             return self.tx.init(trainable)
         plan = self._plan(params)
@@ -154,7 +156,7 @@ class TrainStep:
         return jitted.lower(*args)
 
     def _prepare(self, params: Tree, opt_state: Any, batch: Any, rng: Any) -> tuple:
-        trainable, frozen = partition(params)
+        trainable, frozen = partition(params, self.adapters)
         values, frozen_values = _trees.unbox_tree(trainable), _trees.unbox_tree(frozen)
         self._check_state(values, opt_state)
         rngs = {"dropout": rng} if rng is not None and not isinstance(rng, Mapping) else rng
@@ -184,8 +186,10 @@ class TrainStep:
     def _make_plan(self, params: Tree, layout: _Layout) -> _Plan:
         shardings = sh.param_shardings(params, layout.mesh, layout.specs, rules=layout.rules)
         _check_axes_used(layout, shardings)
-        trainable, frozen = partition(shardings)
-        abstract = jax.eval_shape(self.tx.init, _trees.unbox_tree(partition(params)[0]))
+        trainable, frozen = partition(shardings, self.adapters)
+        abstract = jax.eval_shape(
+            self.tx.init, _trees.unbox_tree(partition(params, self.adapters)[0])
+        )
         state = _state_shardings(abstract, trainable, params, layout.replicated)
         value = (layout.replicated, None) if self.has_aux else layout.replicated
         jitted = jax.jit(
@@ -323,6 +327,7 @@ def make_train_step(
     param_shardings: Tree | None = None,
     rules: sh.Rules | None = None,
     batch_sharding: PartitionSpec | NamedSharding | None = None,
+    adapters: Sequence[str] | str | None = None,
 ) -> TrainStep:
     """Builds a jit-compiled train step that updates only the trainable leaves.
 
@@ -353,6 +358,10 @@ def make_train_step(
       batch_sharding: a mesh-axis `PartitionSpec` applied to every batch leaf; default: the
         leading axis where the rules map "batch", else over the mesh axis "data". NumPy
         leaves hold this process's rows (on many hosts), `jax.Array`s the whole batch.
+      adapters: the names of the adapters to train when the tree holds several; the others
+        stay frozen, bit for bit. Default: a `LoRA` model's `active` adapters when it sets
+        them (an inactive adapter gets no gradient, and weight decay would still shrink it),
+        else every adapter.
 
     Returns:
       A `TrainStep`: `params, opt_state, loss = step(params, opt_state, batch, rng=None)`;
@@ -402,6 +411,10 @@ def make_train_step(
             sh.check_rules(rules, mesh)
         batch = sh.batch_sharding(mesh, batch_sharding, rules=rules)
         layout = _Layout(mesh, param_shardings, None if rules is None else tuple(rules), batch)
+    if adapters is None:
+        adapters = getattr(model, "active", None)
+    if adapters is not None:
+        adapters = (adapters,) if isinstance(adapters, str) else tuple(adapters)
     return TrainStep(
         apply,
         loss_fn,
@@ -410,4 +423,5 @@ def make_train_step(
         donate=donate,
         skip_nonfinite=skip_nonfinite,
         layout=layout,
+        adapters=adapters,
     )

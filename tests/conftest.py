@@ -68,7 +68,7 @@ def randomize_adapters(params, key, scale=0.5):
     """Replaces every adapter leaf by a normal draw, so that ΔW is non-zero."""
     flat = traverse_util.flatten_dict(params, sep="/")
     for path, v in flat.items():
-        if path.endswith(("_lora_a", "_lora_b")):
+        if path.endswith(("_lora_a", "_lora_b")) or "_lora_a@" in path or "_lora_b@" in path:
             value = meta.unbox(v)  # adapters of a sharding-annotated kernel are boxed alike
             # NumPy draws: one eager jax.random call per new shape would compile each time.
             seed = (int(jax.random.key_data(key).sum()), zlib.crc32(path.encode()))

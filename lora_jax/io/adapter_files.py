@@ -40,6 +40,7 @@ from lora_jax.adapters.records import Adapter
 from lora_jax.config import LoraConfig
 from lora_jax.io import _assembly, _leaves
 from lora_jax.io.config_json import config_from_dict, config_to_dict, dumps, table_hash
+from lora_jax.ops.named import base_of, join_adapter, only_adapter
 from lora_jax.quant.formats import QuantizedTensor, dequantize_matrix
 
 PathLike = str | os.PathLike
@@ -49,20 +50,25 @@ STAGED_FILE = ADAPTER_FILE + ".next"
 _PROBES = 4  # rows and columns probed per matrix (4 x 4 values, at two matrices of a stack)
 
 
-def save_adapter(directory: PathLike, params: Mapping, config: LoraConfig) -> Path:
+def save_adapter(
+    directory: PathLike, params: Mapping, config: LoraConfig, *, name: str | None = None
+) -> Path:
     """Writes an adapter: its trainable leaves (safetensors) and its config (JSON).
 
     Args:
       directory: the adapter directory (created if missing; an adapter already there is
         replaced atomically: the directory always holds one whole adapter).
       params: the variables dict from `lora_jax.init` (or after training).
-      config: the `LoraConfig` the adapters were made with.
+      config: the `LoraConfig` the adapters were made with (of adapter `name`).
+      name: with several named adapters in `params`, the one to save (the file holds it
+        alone; `load_adapter(..., name=...)` gives it a name again).
 
     Returns:
       The directory.
 
     Raises:
-      ValueError: `params` has no adapters, or they do not fit `config`.
+      ValueError: `params` has no adapters, or they do not fit `config`; `params` holds
+        several adapters and `name` is not given, or names none of them.
 
     Example:
       >>> import tempfile, jax, jax.numpy as jnp, lora_jax as lj
@@ -78,6 +84,7 @@ def save_adapter(directory: PathLike, params: Mapping, config: LoraConfig) -> Pa
       >>> loaded_cfg == cfg
       True
     """
+    params = only_adapter(params, name, "save_adapter") if isinstance(params, Mapping) else params
     values, plan, trainable, frozen = _assembly.to_save(params, config)
     tensors = _trees.flat(trainable)
     flat_frozen = _trees.flat(frozen)
@@ -117,7 +124,9 @@ def save_adapter(directory: PathLike, params: Mapping, config: LoraConfig) -> Pa
     return directory
 
 
-def load_adapter(directory: PathLike, base_params: Mapping) -> tuple[dict, LoraConfig]:
+def load_adapter(
+    directory: PathLike, base_params: Mapping, *, name: str | None = None
+) -> tuple[dict, LoraConfig]:
     """Reads an adapter and adds it to the base model's parameters.
 
     Args:
@@ -125,6 +134,8 @@ def load_adapter(directory: PathLike, base_params: Mapping) -> tuple[dict, LoraC
       base_params: the base model's variables `{"params": ...}` or bare params dict, dense or
         quantized: their paths and shapes must be those the adapter was trained on (dtypes
         may differ).
+      name: add the adapter under this name to `base_params`, which may hold other named
+        adapters already (they are kept as they are).
 
     Returns:
       `(params, config)`: the variables dict that `lora_jax.init` would give, with the saved
@@ -137,6 +148,9 @@ def load_adapter(directory: PathLike, base_params: Mapping) -> tuple[dict, LoraC
         tensors are not those the config's targets call for (an edited `targets` or `rank`,
         a tensor that the config does not make trainable).
     """
+    if name is not None:
+        loaded, config = load_adapter(directory, base_of(base_params))
+        return join_adapter(base_params, loaded, name, "load_adapter"), config
     directory = Path(directory)
     description = _read_description(directory / ADAPTER_CONFIG_FILE)
     tensors = _read_tensors(directory, description["tensors"])

@@ -72,6 +72,7 @@ from lora_jax.adapters.records import Adapter
 from lora_jax.config import ALL_LINEAR, LoraConfig, matches_names
 from lora_jax.io import _assembly
 from lora_jax.io.hf_names import LLAMA, NameMap
+from lora_jax.ops.named import base_of, join_adapter, only_adapter
 from lora_jax.quant.formats import QuantizedTensor
 
 PathLike = str | os.PathLike
@@ -274,6 +275,7 @@ def save_peft(
     *,
     base_model_name_or_path: str | None = None,
     names: NameMap = LLAMA,
+    name: str | None = None,
 ) -> Path:
     """Writes an adapter as PEFT does, for ``peft.PeftModel.from_pretrained``.
 
@@ -292,6 +294,8 @@ def save_peft(
       base_model_name_or_path: written to the config (PEFT loads the base model from it
         when given the adapter alone).
       names: lora_jax module paths <-> Hugging Face module names.
+      name: with several named adapters in `params`, the one to write (PEFT's file holds
+        one adapter; PEFT names it when loading).
 
     Returns:
       The directory.
@@ -324,6 +328,7 @@ def save_peft(
       >>> loaded_cfg.targets, loaded_cfg.scale_for("layers_0/self_attn/q_proj")
       (('q_proj', 'v_proj'), 2.0)
     """
+    params = only_adapter(params, name, "save_peft") if isinstance(params, Mapping) else params
     values, plan, _, _ = _assembly.to_save(params, config)
     flat = _trees.flat(values)
     model = _Model.of({_paths.to_param(k): v for k, v in flat.items() if _in_params(k)}, names)
@@ -501,7 +506,7 @@ def _peft_patterns(config: LoraConfig, adapted: Mapping[str, str]) -> dict[str, 
 
 
 def load_peft(
-    path: PathLike, base_params: Mapping, *, names: NameMap = LLAMA
+    path: PathLike, base_params: Mapping, *, names: NameMap = LLAMA, name: str | None = None
 ) -> tuple[dict, LoraConfig]:
     """Reads a PEFT LoRA adapter onto a base model's parameters.
 
@@ -512,6 +517,8 @@ def load_peft(
         `lora_jax.io.hf_checkpoint.load_pretrained` gives them (dense or 4-bit, boxed or
         not), without adapters.
       names: lora_jax module paths <-> Hugging Face module names.
+      name: add the adapter under this name to `base_params`, which may then hold other
+        named adapters (kept as they are).
 
     Returns:
       ``(params, config)``: the variables dict that `lora_jax.init` and `lora_jax.load_adapter`
@@ -529,6 +536,9 @@ def load_peft(
         that the config does not select or that do not fit their module (each named); the
         base holds adapters or lacks a module.
     """
+    if name is not None:
+        loaded, config = load_peft(path, base_of(base_params), names=names)
+        return join_adapter(base_params, loaded, name, "load_peft"), config
     path = Path(path)
     peft_config = _read_config(path / CONFIG_FILE)
     tensors = _read_weights(path)

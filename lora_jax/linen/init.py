@@ -99,7 +99,7 @@ def init(
     """
     _check_model(lora_model, "init")
     rngs = _rngs(rng)
-    qcfg = lora_model.config.quantize
+    qcfg = lora_model.quantize
     if base_params is None:
         variables = lora_model.init(rngs, *args, **kwargs)
         the_plan = Plan.of(variables)

@@ -8,6 +8,11 @@ What is adapted, and how, is the plan recorded in the tree's "lora" collection (
 `lora_jax.adapters.plan`): at init (when the collection is being made) the interceptor writes
 one record per adapted parameter from the config and the layer's rule; afterwards it reads the
 records, and checks once per traced layer that the config still describes them.
+
+Several named adapters can share one base (`LoRA(model, {"a": cfg_a, "b": cfg_b})`): init
+makes them all; a call runs the `active` ones, each adding its output, or, with
+``adapter_ids``, one adapter per example of the batch (multi-tenant serving: the active
+adapters' factors are gathered per example and contracted in batched matmuls).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.core import FrozenDict
 
 from lora_jax import _paths, _trees
 from lora_jax.adapters.geometry import Geometry, Split
@@ -37,10 +43,11 @@ class _Trace:
     """What one run of the wrapped model saw (to validate the targets at init)."""
 
     adaptable: set[str] = dataclasses.field(default_factory=set)
-    targeted: set[str] = dataclasses.field(default_factory=set)
+    targeted: dict[str, set[str]] = dataclasses.field(default_factory=dict)  # by adapter name
     extras: set[str] = dataclasses.field(default_factory=set)
     quantized: set[str] = dataclasses.field(default_factory=set)
     busy: bool = False  # inside a rule's own computation: do not intercept its module calls
+    ids: Array | None = None  # per-example adapter ids (index into LoRA.active; -1: none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,47 +65,141 @@ class LoRA(nn.Module):
 
     Attributes:
       model: any flax.linen Module; its parameter paths are kept as they are.
-      config: which layers to adapt and how (a `lora_jax.LoraConfig`).
+      config: which layers to adapt and how (a `lora_jax.LoraConfig`), or several named
+        adapters on the one base, ``{"french": cfg_fr, "code": cfg_code}`` (names of letters,
+        digits, '_' and '-'; a single config is the adapter "default"). Named adapters
+        share the base, so their `quantize` must agree.
+      active: the adapters a call runs (a name or a tuple of names; None: every configured
+        one, in the config's order). Several active adapters add their outputs, as their
+        merge adds their ΔW. `lora_jax.init` makes every configured adapter regardless.
 
     Call it exactly like `model`, with the whole tree that `lora_jax.init` returns. To call
     another method of the model with adapters active, use
     ``lora_model.apply(params, *args, method=lambda m, *a: m.invoke("name", *a))``.
+
+    Per-example adapters: ``lora_model.apply(params, x, adapter_ids=ids)`` with integer ids
+    of shape (batch,) runs example i through adapter ``active[ids[i]]`` only (-1: through
+    none, the base model). Every active adapter must be plain LoRA ("lora" variant). Ids
+    outside [-1, len(active)) are an error when the ids are concrete; under `jax.jit` they
+    make that example's output NaN rather than silently wrong.
     """
 
     model: nn.Module
-    config: LoraConfig
+    config: Any
+    active: str | tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):
             raise TypeError(
                 f"LoRA.model must be a flax.linen Module, got {type(self.model).__name__}."
             )
-        if not isinstance(self.config, LoraConfig):
-            hint = (
-                " Build it with lora_jax.LoraConfig(**that_dict)."
-                if isinstance(self.config, Mapping)
-                else ""
-            )
-            raise TypeError(
-                f"LoRA.config must be a lora_jax.LoraConfig, got {type(self.config).__name__}."
-                + hint
-            )
+        configs = _configs(self.config)
+        object.__setattr__(
+            self, "config", self.config if isinstance(self.config, LoraConfig) else configs
+        )
+        object.__setattr__(self, "active", _active(self.active, configs))
         super().__post_init__()
+
+    @property
+    def configs(self) -> dict[str, LoraConfig]:
+        """The adapters' configs by name ({"default": config} for a single config)."""
+        return _configs(self.config)
+
+    @property
+    def active_names(self) -> tuple[str, ...]:
+        """The names of the adapters a call runs, in order (what `adapter_ids` index)."""
+        return tuple(self.configs) if self.active is None else self.active
+
+    @property
+    def quantize(self) -> QuantConfig | None:
+        """The base's `QuantConfig` (shared by every named adapter)."""
+        return next(iter(self.configs.values())).quantize
 
     def setup(self) -> None:
         nn.share_scope(self, self.model)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.invoke("__call__", *args, **kwargs)
+    def __call__(self, *args: Any, adapter_ids: Any = None, **kwargs: Any) -> Any:
+        return self.invoke("__call__", *args, adapter_ids=adapter_ids, **kwargs)
 
-    def invoke(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Calls `model.<method>(*args, **kwargs)` with the adapters active."""
-        trace = _Trace()
+    def invoke(self, method: str, *args: Any, adapter_ids: Any = None, **kwargs: Any) -> Any:
+        """Calls `model.<method>(*args, **kwargs)` with the adapters active (per example
+        with `adapter_ids`, as in `__call__`)."""
+        trace = _Trace(ids=_ids(adapter_ids, self.active_names))
         with nn.intercept_methods(functools.partial(_intercept, self, trace)):
             out = getattr(self.model, method)(*args, **kwargs)
         if _planning(self):
-            _check_trace(self.config, trace)
+            for name, cfg in self.configs.items():
+                _check_trace(cfg, trace, name)
         return out
+
+
+def _configs(config: Any) -> FrozenDict:
+    """The named configs of `LoRA.config` (checked): a single config is "default"."""
+    if isinstance(config, LoraConfig):
+        return FrozenDict({_paths.DEFAULT: config})
+    if not isinstance(config, Mapping):
+        raise TypeError(
+            f"LoRA.config must be a lora_jax.LoraConfig, got {type(config).__name__} (several "
+            "named adapters: a mapping of names to LoraConfigs)."
+        )
+    if not any(isinstance(v, LoraConfig) for v in config.values()):
+        raise TypeError(
+            "LoRA.config must be a lora_jax.LoraConfig, got dict. Build it with "
+            "lora_jax.LoraConfig(**that_dict); several named adapters are a mapping of names to "
+            "LoraConfigs."
+        )
+    for name, cfg in config.items():
+        _paths.check_name(name)
+        if not isinstance(cfg, LoraConfig):
+            hint = (
+                " Build it with lora_jax.LoraConfig(**that_dict)."
+                if isinstance(cfg, Mapping)
+                else ""
+            )
+            raise TypeError(
+                f"LoRA.config[{name!r}] must be a lora_jax.LoraConfig, got "
+                f"{type(cfg).__name__}." + hint
+            )
+    quantize = {name: cfg.quantize for name, cfg in config.items()}
+    if len(set(quantize.values())) > 1:
+        raise ValueError(
+            "Named adapters share one base, so their LoraConfig.quantize must agree; found "
+            + ", ".join(f"{n!r}: {q!r}" for n, q in quantize.items())
+            + "."
+        )
+    return FrozenDict(dict(config))
+
+
+def _active(active: Any, configs: Mapping[str, LoraConfig]) -> tuple[str, ...] | None:
+    if active is None:
+        return None
+    names = (active,) if isinstance(active, str) else tuple(active)
+    unknown = [n for n in names if n not in configs]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ValueError(
+            f"LoRA.active={active!r} must name distinct configured adapters "
+            f"({sorted(configs)}): " + (f"unknown {unknown}." if unknown else "empty or repeated.")
+        )
+    return names
+
+
+def _ids(adapter_ids: Any, active: tuple[str, ...]) -> Array | None:
+    """`adapter_ids` as an int32 array of shape (batch,), checked where it is concrete."""
+    if adapter_ids is None:
+        return None
+    ids = jnp.asarray(adapter_ids)
+    if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(
+            f"adapter_ids must be integers of shape (batch,), got {ids.dtype} of shape {ids.shape}."
+        )
+    if not isinstance(ids, jax.core.Tracer):
+        bad = sorted({int(i) for i in ids.tolist() if not -1 <= i < len(active)})
+        if bad:
+            raise ValueError(
+                f"adapter_ids {bad} are out of range: each id indexes LoRA.active "
+                f"{list(active)} (0..{len(active) - 1}), or is -1 for no adapter."
+            )
+    return ids.astype(jnp.int32)
 
 
 def _planning(wrapper: LoRA) -> bool:
@@ -112,29 +213,53 @@ def _intercept(
     module = context.module
     if trace.busy or module.scope is None or not _in_model(module, wrapper):
         return next_fun(*args, **kwargs)
-    cfg, path, method = wrapper.config, _paths.module_path(module), context.method_name
+    configs, path, method = wrapper.configs, _paths.module_path(module), context.method_name
     rule = rule_for(type(module))
     planning = _planning(wrapper)
     computes = rule is not None and method in rule.methods
-    qt = None if planning else _quantized_param(cfg, module, rule, path, method)
+    qt = None if planning else _quantized_param(wrapper, module, rule, path, method)
     if qt is None:
         out = next_fun(*args, **kwargs)
     else:
         with _busy(trace):
-            out = rule.quantized_forward(module, method, args, kwargs, qt, cfg.quantize.kernel)
+            out = rule.quantized_forward(module, method, args, kwargs, qt, wrapper.quantize.kernel)
     if planning and method != "setup":  # after the call: a compact layer makes its params in it
-        _plan_extras(cfg, module, path, trace)
+        for cfg in configs.values():
+            _plan_extras(cfg, module, path, trace)
         if computes:
-            _plan_quantized(cfg, rule, module, path, args, kwargs, trace)
+            _plan_quantized(wrapper, rule, module, path, args, kwargs, trace)
     if not computes:
         return out
     trace.adaptable.add(path)
-    record = _adapter_record(cfg, rule, module, path, args, kwargs, planning)
-    if record is None:
+    found = []
+    for name in configs if planning else wrapper.active_names:
+        cfg = configs[name]
+        record = _adapter_record(wrapper, name, rule, module, path, args, kwargs, planning)
+        if record is not None:
+            trace.targeted.setdefault(name, set()).add(path)
+            found.append((name, cfg, record))
+    if not found:
         return out
-    trace.targeted.add(path)
+    call = _Call(module, method, args, kwargs)
     with _busy(trace):
-        return _adapter_output(cfg, rule, record, _Call(module, method, args, kwargs), out)
+        if trace.ids is not None and not planning:
+            return _per_example_output(wrapper, rule, found, call, out, trace.ids)
+        if len(found) > 1 and not (planning or module.is_mutable_collection("params")):
+            _check_additive(found, path, "several adapters are active on it")
+        for name, cfg, record in found:
+            out = _adapter_output(cfg, name, rule, record, call, out)
+        return out
+
+
+def _check_additive(found: list, path: str, why: str) -> None:
+    """Raises unless every adapter in `found` adds to the output (plain LoRA)."""
+    others = [f"{name!r} ({r.variant})" for name, _, r in found if r.variant != "lora"]
+    if others:
+        raise ValueError(
+            f"'{path}': {why}, and adapters {', '.join(others)} are not plain LoRA: a "
+            "variant that rescales the output (DoRA) runs only as the one adapter of its layer. "
+            "Choose it alone with LoRA(..., active=name)."
+        )
 
 
 class _busy:
@@ -169,12 +294,18 @@ def _linear(rule: Rule | None) -> bool:
 
 
 def _expected(
-    cfg: LoraConfig, rule: Rule, module: nn.Module, geometry_shape: tuple, split: Split, path: str
+    wrapper: LoRA,
+    cfg: LoraConfig,
+    rule: Rule,
+    module: nn.Module,
+    geometry_shape: tuple,
+    split: Split,
+    path: str,
 ) -> Adapter | None:
     """The record that the config calls for at `path` (None: not targeted)."""
     if not cfg.is_target(path, linear=_linear(rule)):
         return None
-    why = variant_for(cfg.variant).refuses(rule, _quantizable(cfg, rule, path))
+    why = variant_for(cfg.variant).refuses(rule, _quantizable(wrapper, rule, path))
     if why is not None:
         raise ValueError(
             f"LoraConfig(variant={cfg.variant!r}) targets '{path}' ({type(module).__name__}), "
@@ -186,7 +317,8 @@ def _expected(
 
 
 def _adapter_record(
-    cfg: LoraConfig,
+    wrapper: LoRA,
+    name: str,
     rule: Rule,
     module: nn.Module,
     path: str,
@@ -194,25 +326,26 @@ def _adapter_record(
     kwargs: dict,
     planning: bool,
 ) -> Adapter | None:
-    """The layer's adapter record: made from the config when planning, else read from the
-    tree and checked against the config."""
+    """The layer's record of adapter `name`: made from its config when planning, else read
+    from the tree and checked against the config."""
+    cfg = wrapper.configs[name]
     if not module.has_variable("params", rule.param):
         if not cfg.is_target(path, linear=_linear(rule)):
             return None
         raise ValueError(f"Module '{path}' has no parameter '{rule.param}' for its LoRA rule.")
     shape = tuple(jnp.shape(_trees.unbox(module.get_variable("params", rule.param))))
     split = rule.split(module, shape, args, kwargs)
-    name = _paths.record_leaf(rule.param)
+    leaf = _paths.record_leaf(rule.param, name)
     found = (
-        module.get_variable(_paths.LORA, name) if module.has_variable(_paths.LORA, name) else None
+        module.get_variable(_paths.LORA, leaf) if module.has_variable(_paths.LORA, leaf) else None
     )
+    expected = _expected(wrapper, cfg, rule, module, shape, split, path)
     if planning and found is None:
-        expected = _expected(cfg, rule, module, shape, split, path)
         if expected is not None:
             _check_floating(module, rule, path)
-            module.scope.variable(_paths.LORA, name, lambda: expected)
+            module.scope.variable(_paths.LORA, leaf, lambda: expected)
         return expected
-    _check_record(cfg, path, rule.param, found, _expected(cfg, rule, module, shape, split, path))
+    _check_record(cfg, name, path, rule.param, found, expected, module)
     return found
 
 
@@ -228,18 +361,32 @@ def _check_floating(module: nn.Module, rule: Rule, path: str) -> None:
 
 
 def _check_record(
-    cfg: LoraConfig, path: str, param: str, found: Adapter | None, expected: Adapter | None
+    cfg: LoraConfig,
+    name: str,
+    path: str,
+    param: str,
+    found: Adapter | None,
+    expected: Adapter | None,
+    module: nn.Module,
 ) -> None:
     """Raises unless the tree's record and the config agree on this layer."""
     where = f"'{_paths.join(path, param)}'"
+    if name != _paths.DEFAULT:
+        where += f" (adapter {name!r})"
     if found is None and expected is None:
         return
     if found is None:
+        held = sorted(
+            parsed.name
+            for leaf in module.variables.get(_paths.LORA, {})
+            if (parsed := _paths.parse(leaf)) is not None and parsed.param == param
+        )
+        others = f"; it holds adapters {held} there" if held else ""
         raise ValueError(
             f"LoraConfig targets {where} but the tree holds no adapter record for it "
-            f"('{_paths.LORA}/{_paths.join(path, _paths.record_leaf(param))}'): pass the whole "
-            "tree that lora_jax.init (or load_adapter) returned, with its 'params' and 'lora' "
-            "collections, and the config it was made with."
+            f"('{_paths.LORA}/{_paths.join(path, _paths.record_leaf(param, name))}'{others}): "
+            "pass the whole tree that lora_jax.init (or load_adapter) returned, with its "
+            "'params' and 'lora' collections, and the config it was made with."
         )
     if not isinstance(found, Adapter):
         raise ValueError(f"{where}: the tree's adapter record is a {type(found).__name__}.")
@@ -268,15 +415,14 @@ def _check_record(
         )
 
 
-def _adapter_output(cfg: LoraConfig, rule: Rule, record: Adapter, call: _Call, out: Array) -> Array:
+def _adapter_output(
+    cfg: LoraConfig, name: str, rule: Rule, record: Adapter, call: _Call, out: Array
+) -> Array:
     """The method's output with the adapter (the variant's `output`, from `out` without it)."""
     module = call.module
     variant = variant_for(record.variant)
     kernel = module.get_variable("params", rule.param)
-    leaves = {
-        leaf: _leaf(cfg, rule, record, module, leaf, kernel)
-        for leaf in variant.leaves(record.geometry)
-    }
+    leaves = _leaves(cfg, name, rule, record, module, kernel)
     x = call.args[0] if call.args else None
     dtype = x.dtype if x is not None and jnp.issubdtype(x.dtype, jnp.floating) else out.dtype
     dropout = _dropout(cfg, module)
@@ -285,15 +431,90 @@ def _adapter_output(cfg: LoraConfig, rule: Rule, record: Adapter, call: _Call, o
     )
 
 
-def _leaf(
-    cfg: LoraConfig, rule: Rule, record: Adapter, module: nn.Module, leaf: str, kernel: Any
+def _leaves(
+    cfg: LoraConfig, name: str, rule: Rule, record: Adapter, module: nn.Module, kernel: Any
+) -> dict[str, Array]:
+    """The leaves of adapter `name` on the module, by leaf name."""
+    return {
+        leaf: _leaf(cfg, name, rule, record, module, leaf, kernel)
+        for leaf in variant_for(record.variant).leaves(record.geometry)
+    }
+
+
+def _per_example_output(
+    wrapper: LoRA, rule: Rule, found: list, call: _Call, out: Array, ids: Array
 ) -> Array:
-    """Reads an adapter leaf, checking its shape, or creates it (at init).
+    """The output with example i through adapter ``active[ids[i]]`` (-1: none).
+
+    The active adapters' factors are stacked (B scaled, ranks zero-padded to the largest:
+    exact), gathered per example, and the rule's own contraction runs once per example under
+    `jax.vmap`: batched matmuls, never a contraction over every adapter.
+    """
+    module, path = call.module, _paths.module_path(call.module)
+    _check_additive(found, path, "adapter_ids choose an adapter per example")
+    x = call.args[0]
+    if not jnp.ndim(x) or jnp.shape(x)[0] != ids.shape[0]:
+        raise ValueError(
+            f"adapter_ids has shape {ids.shape} but '{path}' gets an input of shape "
+            f"{jnp.shape(x)}: give one id per example (the input's leading batch axis)."
+        )
+    floating = jnp.issubdtype(x.dtype, jnp.floating)
+    dtype = x.dtype if floating else out.dtype
+    kernel = module.get_variable("params", rule.param)
+    rank = max(r.rank for _, _, r in found)
+    records = {name: (cfg, r) for name, cfg, r in found}
+    geometry = found[0][2].geometry
+    stack_a, stack_b = [], []
+    for name in wrapper.active_names:
+        if name not in records:  # this adapter leaves the layer alone
+            padded = dataclasses.replace(geometry, rank=rank)
+            stack_a.append(jnp.zeros(padded.a_shape, dtype))
+            stack_b.append(jnp.zeros(padded.b_shape, dtype))
+            continue
+        cfg, record = records[name]
+        leaves = _leaves(cfg, name, rule, record, module, kernel)
+        pad = rank - record.rank
+        a = jnp.pad(leaves["a"].astype(dtype), [(0, 0)] * (leaves["a"].ndim - 1) + [(0, pad)])
+        b = (leaves["b"].astype(jnp.float32) * record.scale).astype(dtype)
+        widths = [(0, 0)] * b.ndim
+        widths[record.geometry.n_batch] = (0, pad)
+        stack_a.append(a)
+        stack_b.append(jnp.pad(b, widths))
+    n = len(wrapper.active_names)
+    index = jnp.clip(ids, 0, n - 1)
+    # -1: no adapter (B times 0); an id out of range: NaN, never a silently wrong output.
+    gate = jnp.where(ids == -1, 0.0, jnp.where(ids < n, 1.0, jnp.nan)).astype(dtype)
+    a = jnp.stack(stack_a)[index]
+    b = jnp.stack(stack_b)[index] * gate.reshape((-1,) + (1,) * (stack_b[0].ndim))
+    cfgs = {cfg.dropout: cfg for _, cfg, _ in found}
+    dropout = _dropout(max(cfgs.values(), key=lambda c: c.dropout), module)
+    x = dropout(x.astype(dtype)) if floating else x
+    rest = call.args[1:]
+    no_dropout = lambda v: v
+
+    def one(x_i: Array, a_i: Array, b_i: Array) -> Array:
+        args = (x_i[None], *rest)
+        return rule.delta(module, call.method, args, call.kwargs, a_i, b_i, no_dropout)[0]
+
+    delta = jax.vmap(one)(x, a, b)
+    return out + delta.astype(out.dtype)
+
+
+def _leaf(
+    cfg: LoraConfig,
+    adapter: str,
+    rule: Rule,
+    record: Adapter,
+    module: nn.Module,
+    leaf: str,
+    kernel: Any,
+) -> Array:
+    """Reads a leaf of adapter `adapter`, checking its shape, or creates it (at init).
 
     Scope-level calls work in setup-style modules too, outside setup; a layer called twice
     (shared weights) reads what its first call created.
     """
-    geometry, name = record.geometry, _paths.adapter_leaf(rule.param, leaf)
+    geometry, name = record.geometry, _paths.adapter_leaf(rule.param, leaf, adapter)
     variant = variant_for(record.variant)
     shape = variant.leaves(geometry)[leaf]
     path = _paths.module_path(module)
@@ -367,19 +588,17 @@ def _plan_extras(cfg: LoraConfig, module: nn.Module, path: str, trace: _Trace) -
 # --------------------------------------------------------------------------- 4-bit kernels
 
 
-def _quantizable(cfg: LoraConfig, rule: Rule | None, path: str) -> bool:
-    return (
-        cfg.quantize is not None
-        and rule is not None
-        and rule.quantizable
-        and cfg.quantize.is_target(
-            path, adapted=cfg.is_target(path, linear=_linear(rule)), linear=_linear(rule)
-        )
-    )
+def _quantizable(wrapper: LoRA, rule: Rule | None, path: str) -> bool:
+    qcfg = wrapper.quantize
+    if qcfg is None or rule is None or not rule.quantizable:
+        return False
+    linear = _linear(rule)
+    adapted = any(c.is_target(path, linear=linear) for c in wrapper.configs.values())
+    return qcfg.is_target(path, adapted=adapted, linear=linear)
 
 
 def _plan_quantized(
-    cfg: LoraConfig,
+    wrapper: LoRA,
     rule: Rule,
     module: nn.Module,
     path: str,
@@ -388,10 +607,10 @@ def _plan_quantized(
     trace: _Trace,
 ) -> None:
     """At init: marks the kernels that `cfg.quantize` selects, with their axis split."""
-    if not _quantizable(cfg, rule, path) or not module.has_variable("params", rule.param):
+    if not _quantizable(wrapper, rule, path) or not module.has_variable("params", rule.param):
         return
     param = _param_path(path, rule.param)
-    if cfg.is_trainable_extra(param):
+    if any(cfg.is_trainable_extra(param) for cfg in wrapper.configs.values()):
         raise ValueError(
             f"LoraConfig.trainable selects '{param}', which QuantConfig quantizes: a 4-bit "
             "kernel cannot be trained in full. Exclude it from QuantConfig.targets "
@@ -407,7 +626,7 @@ def _plan_quantized(
 
 
 def _quantized_param(
-    cfg: LoraConfig, module: nn.Module, rule: Rule | None, path: str, method: str
+    wrapper: LoRA, module: nn.Module, rule: Rule | None, path: str, method: str
 ) -> QuantizedTensor | None:
     """The module's 4-bit parameter if it has one (checked against the tree's markers and
     `cfg.quantize`), else None."""
@@ -422,7 +641,7 @@ def _quantized_param(
     computes = rule is not None and method in rule.methods
     if not found:
         marked = computes and module.has_variable(_paths.LORA, _paths.quantized_leaf(rule.param))
-        if computes and rule.param in params and (marked or _quantizable(cfg, rule, path)):
+        if computes and rule.param in params and (marked or _quantizable(wrapper, rule, path)):
             raise ValueError(
                 f"'{_param_path(path, rule.param)}' is a dense array but "
                 + ("the tree marks it 4-bit" if marked else "LoraConfig.quantize targets it")
@@ -450,17 +669,18 @@ def _quantized_param(
         )
     qt = _trees.unbox(params[name])
     where = _param_path(path, name)
-    if cfg.quantize is None:
+    qcfg = wrapper.quantize
+    if qcfg is None:
         raise ValueError(
             f"'{where}' is quantized ({qt!r}) but LoraConfig.quantize is None: set "
             f"LoraConfig(quantize=QuantConfig(fmt={qt.fmt!r}, block_size={qt.block_size}, "
             f"double_quant={qt.double_quant})), or dequantize the tree (lora_jax.dequantize)."
         )
-    check_quantized(where, qt, cfg.quantize)
-    if not _quantizable(cfg, rule, path):
+    check_quantized(where, qt, qcfg)
+    if not _quantizable(wrapper, rule, path):
         raise ValueError(
-            f"'{where}' is quantized but QuantConfig.targets={cfg.quantize.targets!r} "
-            f"(exclude={cfg.quantize.exclude!r}) does not select it: use the config the tree "
+            f"'{where}' is quantized but QuantConfig.targets={qcfg.targets!r} "
+            f"(exclude={qcfg.exclude!r}) does not select it: use the config the tree "
             "was made with (load_adapter returns it)."
         )
     return qt
@@ -482,16 +702,18 @@ def check_quantized(path: str, qt: QuantizedTensor, qcfg: QuantConfig) -> None:
 # --------------------------------------------------------------------------- target checks
 
 
-def _check_trace(cfg: LoraConfig, trace: _Trace) -> None:
+def _check_trace(cfg: LoraConfig, trace: _Trace, name: str = _paths.DEFAULT) -> None:
     """At init: raises when the config's targets, patterns or extras match nothing."""
     listed = sorted(trace.adaptable)
-    if not trace.targeted:
+    targeted = trace.targeted.get(name, set())
+    which = "" if name == _paths.DEFAULT else f" of adapter {name!r}"
+    if not targeted:
         raise ValueError(
-            f"LoraConfig.targets={cfg.targets!r} (exclude={cfg.exclude!r}) matches no module. "
+            f"LoraConfig.targets{which}={cfg.targets!r} (exclude={cfg.exclude!r}) matches no module. "
             "Adaptable module paths: "
             f"{listed if listed else 'none: the model has no layer with a LoRA rule'}."
         )
-    cfg.check_patterns(sorted(trace.targeted))
+    cfg.check_patterns(sorted(targeted))
     if cfg.quantize is not None and not trace.quantized:
         raise ValueError(
             f"QuantConfig.targets={cfg.quantize.targets!r} (exclude={cfg.quantize.exclude!r}) "

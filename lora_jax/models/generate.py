@@ -52,6 +52,7 @@ def generate(
     stop_tokens: Sequence[int] = (),
     pad_id: int = 0,
     rng: Array | None = None,
+    adapter_ids: Sequence[int] | None = None,
 ) -> Generation:
     """Continues each prompt by up to `max_new_tokens` tokens.
 
@@ -79,6 +80,9 @@ def generate(
       pad_id: the id fed at padding (masked, so any valid id works).
       rng: a `jax.random` key; required when temperature > 0. Step i draws with
         `jax.random.fold_in(rng, i)`, so a fixed key reproduces the result.
+      adapter_ids: with a `lora_jax.LoRA` model of several named adapters, the adapter of
+        each prompt (an index into `LoRA.active`; -1: the base model), one per prompt: a
+        batch for different tenants in one call.
 
     Returns:
       A `Generation`: the new tokens of each prompt (stop token excluded) and which stop
@@ -112,6 +116,17 @@ def generate(
     for i, r in enumerate(rows):
         ids[i, bucket - len(r) :], mask[i, bucket - len(r) :] = r, 1
     variables = {k: v for k, v in dict(variables).items() if k != "cache"}
+    if adapter_ids is not None:
+        if not hasattr(model, "active_names"):
+            raise ValueError(
+                f"generate: adapter_ids need a lora_jax.LoRA model, got {type(model).__name__}."
+            )
+        adapter_ids = np.asarray(adapter_ids)
+        if adapter_ids.shape != (len(rows),):
+            raise ValueError(
+                f"generate: adapter_ids has shape {adapter_ids.shape}; give one id per prompt "
+                f"({len(rows)})."
+            )
     greedy = temperature == 0
     out, length, stopped = _decode(
         model,
@@ -123,6 +138,7 @@ def generate(
         jnp.float32(top_p),
         None if greedy else rng,
         jnp.int32(pad_id),
+        None if adapter_ids is None else jnp.asarray(adapter_ids, jnp.int32),
         max_new_tokens=max_new_tokens,
         greedy=greedy,
     )
@@ -219,6 +235,7 @@ def _decode(
     top_p: Array,
     rng: Array | None,
     pad_id: Array,
+    adapter_ids: Array | None,
     *,
     max_new_tokens: int,
     greedy: bool,
@@ -230,6 +247,7 @@ def _decode(
       number of tokens before the stop token (or max_new_tokens); whether a stop token came.
     """
     b, length = ids.shape
+    tenants = {} if adapter_ids is None else {"adapter_ids": adapter_ids}
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
     logits, state = model.apply(
         variables,
@@ -239,6 +257,7 @@ def _decode(
         cache_size=length + max_new_tokens - 1,
         last_logits_only=True,
         mutable=["cache"],
+        **tenants,
     )
     key = lambda step: None if greedy else jax.random.fold_in(rng, step)
     pick = lambda logits, step: _pick(logits, greedy, temperature, top_p, key(step))
@@ -254,7 +273,7 @@ def _decode(
     def step_fn(carry: tuple) -> tuple:
         step, state, token, done, out, length = carry
         logits, state = model.apply(
-            {**variables, **state}, token[:, None], decode=True, mutable=["cache"]
+            {**variables, **state}, token[:, None], decode=True, mutable=["cache"], **tenants
         )
         token = jnp.where(done, pad_id, pick(logits[:, 0], step))
         out = jax.lax.dynamic_update_slice(out, token[:, None], (0, step))

@@ -1,18 +1,35 @@
-"""Pure functions over LoRA trees: labels, partition and combine, merge, summary."""
+"""Pure functions over LoRA trees: labels, partition and combine, merge and unmerge, named
+adapters and their weighted combination, summary."""
 
-from lora_jax.ops.merge import RequantizeReport, merge
+from lora_jax.ops.merge import RequantizeReport, merge, unmerge
+from lora_jax.ops.named import (
+    adapter_names,
+    add_adapter,
+    delete_adapter,
+    keep_adapters,
+    rename_adapter,
+)
 from lora_jax.ops.partition import FROZEN, TRAINABLE, combine, labels, partition, trainable_paths
 from lora_jax.ops.summary import Summary, summary
+from lora_jax.ops.weighted import Combination, add_weighted_adapter
 
 __all__ = [
     "FROZEN",
     "TRAINABLE",
+    "Combination",
     "RequantizeReport",
     "Summary",
+    "adapter_names",
+    "add_adapter",
+    "add_weighted_adapter",
     "combine",
+    "delete_adapter",
+    "keep_adapters",
     "labels",
     "merge",
     "partition",
+    "rename_adapter",
     "summary",
     "trainable_paths",
+    "unmerge",
 ]

@@ -14,13 +14,14 @@ from lora_jax import _paths, _trees
 from lora_jax.adapters.plan import Plan
 from lora_jax.adapters.records import Adapter
 from lora_jax.adapters.variant import variant_for
+from lora_jax.ops.named import keep_adapters
 from lora_jax.quant.formats import QuantizedTensor, dequantize, requantize_like
 
 Array = jax.Array
 Tree = Mapping[str, Any]
 
 
-def merge(params: Tree, *, requantize: bool = False) -> Any:
+def merge(params: Tree, *, requantize: bool = False, adapters: Any = None) -> Any:
     """Folds every adapter into its parameter: ``W + scale * A @ B``, in float32 (DoRA:
     ``m / ‖W + scale * A @ B‖ ⊙ (W + scale * A @ B)``, column by column).
 
@@ -42,6 +43,9 @@ def merge(params: Tree, *, requantize: bool = False) -> Any:
       params: the variables dict that `lora_jax.init` returns (or a trained one).
       requantize: keep adapted 4-bit kernels in 4 bits (the report is a pytree too, so this
         works under `jax.jit`).
+      adapters: with several named adapters, the names to fold in (None: all); the others
+        are dropped, as PEFT's ``merge_and_unload(adapter_names=...)`` does. Several adapters
+        fold in one after another, their ΔW adding up.
 
     Returns:
       The merged tree; with `requantize=True`, a tuple (merged tree, `RequantizeReport`).
@@ -60,6 +64,8 @@ def merge(params: Tree, *, requantize: bool = False) -> Any:
       >>> lj.merge(tree)["params"]["q"]["kernel"].tolist()
       [[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]
     """
+    if adapters is not None:
+        params = keep_adapters(params, adapters)
     flat = _trees.flat(params)
     plan = Plan.of(params)
     quantized = {k for k, v in flat.items() if isinstance(_trees.unbox(v), QuantizedTensor)}
@@ -192,3 +198,79 @@ class RequantizeReport:
     def __str__(self) -> str:
         lines = [f"  {k}: {float(v):.3f}" for k, v in sorted(self.errors.items())]
         return "requantization error relative to each adapter's delta:\n" + "\n".join(lines)
+
+
+def unmerge(merged: Tree, adapters: Tree) -> dict:
+    """The base back from a merged tree and the adapters that were folded into it.
+
+    The inverse of `merge`: every adapted parameter becomes ``W' - scale * A @ B`` (computed
+    in float32, cast to W's dtype), and the adapter leaves and "lora" records of `adapters`
+    are joined to it, so ``unmerge(merge(params), params)`` is `params` again. With a float32
+    base the result equals the original base to float32 rounding (a few ulps of
+    ``|W| + |ΔW|``); with a bfloat16 base each merged weight was rounded once to bfloat16
+    (half an ulp of ``W + ΔW``) and unmerging rounds once more (half an ulp of W), so the
+    base comes back within one bfloat16 ulp of ``|W| + |ΔW|`` per weight, not bit for bit.
+
+    Args:
+      merged: the merged tree (`merge`'s output, or a model's weights that had the adapters
+        folded in).
+      adapters: a tree with the adapters' leaves and their "lora" records (the tree before
+        merging, or `load_adapter`'s); its base leaves are not read.
+
+    Returns:
+      The LoRA tree: `merged`'s leaves with the adapted parameters unmerged, plus the adapter
+      leaves and records.
+
+    Raises:
+      ValueError: a DoRA adapter (its merge rescales columns by norms that the merged
+        weight no longer tells apart from W: not invertible); a 4-bit base (`merge` made its
+        kernels dense: re-quantize with `lora_jax.init`); an adapted parameter missing from
+        `merged` or of another shape.
+    """
+    plan = Plan.of(adapters)
+    flat, src = _trees.flat(merged), _trees.flat(adapters)
+    problems = [
+        f"Adapter {name!r} of '{_paths.to_param(p)}' is {r.variant!r}: its merge is not "
+        "invertible (the column norms it divides by are not recoverable from the merged "
+        "weight); keep the unmerged tree instead."
+        for (p, name), r in sorted(plan.adapters.items())
+        if r.variant != "lora"
+    ]
+    if plan.quantized:
+        problems.append(
+            f"The adapters' tree has 4-bit kernels ({_trees.quoted(sorted(plan.quantized))}): "
+            "merge made them dense, so the base cannot come back in 4 bits; unmerge with the "
+            "dense adapters' records, or run lora_jax.init on the unmerged dense base."
+        )
+    by_param: dict[str, list] = {}
+    for (param, name), record in sorted(plan.adapters.items()):
+        if param not in flat:
+            problems.append(f"'{param}' is adapted but missing from the merged tree.")
+            continue
+        w = _trees.unbox(flat[param])
+        shapes = {
+            leaf: jnp.shape(_trees.unbox(src[k]))
+            for leaf in _leaves(record)
+            if (k := _paths.leaf_path(param, leaf, name)) in src
+        }
+        problems += record.geometry.problems(param, jnp.shape(w), shapes)
+        by_param.setdefault(param, []).append((name, record))
+    _check(src, plan, {k for k in src if _paths.is_adapter_leaf(k)})
+    _trees.raise_problems("Cannot unmerge", problems)
+    out = dict(flat)
+    for param, found in by_param.items():
+        leaves = [
+            {leaf: _trees.unbox(src[_paths.leaf_path(param, leaf, n)]) for leaf in _leaves(r)}
+            for n, r in found
+        ]
+        records = tuple(r for _, r in found)
+        out[param] = _trees.rebox(flat[param], _unfold(_trees.unbox(flat[param]), leaves, records))
+    for k, v in src.items():
+        if _paths.is_adapter_leaf(k) or k.startswith(_paths.LORA + "/"):
+            out[k] = v
+    return _trees.unflat(out)
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _unfold(w: Array, leaves: list[dict], records: tuple[Adapter, ...]) -> Array:
+    return (w.astype(jnp.float32) - _delta(leaves, records)).astype(w.dtype)
