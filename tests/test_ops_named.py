@@ -284,3 +284,25 @@ def _at(tree, path):
     for part in path.split("/"):
         tree = tree[part]
     return tree
+
+
+def test_a_precomputed_bank_equals_stacking_per_call(two):
+    model, lora_model, _, params, x = two
+    ids = jnp.array([1, 0, -1])
+    stacked = lj.adapter_bank(params, lora_model.active_names)
+    got = lora_model.apply({**params, **stacked}, x, adapter_ids=ids)
+    same_arrays(got, lora_model.apply(params, x, adapter_ids=ids))
+    out = generate(
+        lora_model,
+        {**params, **stacked},
+        [[1, 2], [3], [4]],
+        max_new_tokens=3,
+        adapter_ids=[1, 0, -1],
+    )
+    assert out == generate(
+        lora_model, params, [[1, 2], [3], [4]], max_new_tokens=3, adapter_ids=[1, 0, -1]
+    )
+    with pytest.raises(
+        ValueError, match=r"stacks adapters \('b', 'a'\) at .* but adapter_ids index"
+    ):
+        lora_model.apply({**params, **lj.adapter_bank(params, ("b", "a"))}, x, adapter_ids=ids)

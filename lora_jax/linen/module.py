@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax.core import FrozenDict
 
 from lora_jax import _paths, _trees
+from lora_jax.adapters import bank
 from lora_jax.adapters.geometry import Geometry, Split
 from lora_jax.adapters.records import Adapter, Quantized, Trainable
 from lora_jax.adapters.variant import variant_for
@@ -446,9 +447,11 @@ def _per_example_output(
 ) -> Array:
     """The output with example i through adapter ``active[ids[i]]`` (-1: none).
 
-    The active adapters' factors are stacked (B scaled, ranks zero-padded to the largest:
-    exact), gathered per example, and the rule's own contraction runs once per example under
-    `jax.vmap`: batched matmuls, never a contraction over every adapter.
+    The active adapters' factors are stacked (`lora_jax.adapters.bank`: B scaled, ranks
+    zero-padded to the largest, exact) — or read from a "lora_bank" collection that
+    `lora_jax.adapter_bank` made — gathered per example, and the rule's own contraction runs
+    once per example under `jax.vmap`: batched matmuls, never a contraction over every
+    adapter.
     """
     module, path = call.module, _paths.module_path(call.module)
     _check_additive(found, path, "adapter_ids choose an adapter per example")
@@ -460,32 +463,20 @@ def _per_example_output(
         )
     floating = jnp.issubdtype(x.dtype, jnp.floating)
     dtype = x.dtype if floating else out.dtype
-    kernel = module.get_variable("params", rule.param)
-    rank = max(r.rank for _, _, r in found)
-    records = {name: (cfg, r) for name, cfg, r in found}
-    geometry = found[0][2].geometry
-    stack_a, stack_b = [], []
-    for name in wrapper.active_names:
-        if name not in records:  # this adapter leaves the layer alone
-            padded = dataclasses.replace(geometry, rank=rank)
-            stack_a.append(jnp.zeros(padded.a_shape, dtype))
-            stack_b.append(jnp.zeros(padded.b_shape, dtype))
-            continue
-        cfg, record = records[name]
-        leaves = _leaves(cfg, name, rule, record, module, kernel)
-        pad = rank - record.rank
-        a = jnp.pad(leaves["a"].astype(dtype), [(0, 0)] * (leaves["a"].ndim - 1) + [(0, pad)])
-        b = (leaves["b"].astype(jnp.float32) * record.scale).astype(dtype)
-        widths = [(0, 0)] * b.ndim
-        widths[record.geometry.n_batch] = (0, pad)
-        stack_a.append(a)
-        stack_b.append(jnp.pad(b, widths))
-    n = len(wrapper.active_names)
-    index = jnp.clip(ids, 0, n - 1)
-    # -1: no adapter (B times 0); an id out of range: NaN, never a silently wrong output.
-    gate = jnp.where(ids == -1, 0.0, jnp.where(ids < n, 1.0, jnp.nan)).astype(dtype)
-    a = jnp.stack(stack_a)[index]
-    b = jnp.stack(stack_b)[index] * gate.reshape((-1,) + (1,) * (stack_b[0].ndim))
+    stacked = _bank(wrapper, module, rule.param)
+    if stacked is None:
+        kernel = module.get_variable("params", rule.param)
+        records = {name: (cfg, r) for name, cfg, r in found}
+        entries = []
+        for name in wrapper.active_names:
+            if name in records:
+                cfg, record = records[name]
+                leaves = _leaves(cfg, name, rule, record, module, kernel)
+                entries.append((leaves["a"], leaves["b"], record.scale))
+            else:  # this adapter leaves the layer alone
+                entries.append(None)
+        stacked = bank.stack(found[0][2].geometry, entries, dtype)
+    a, b = bank.select(*stacked, ids, dtype)
     cfgs = {cfg.dropout: cfg for _, cfg, _ in found}
     dropout = _dropout(max(cfgs.values(), key=lambda c: c.dropout), module)
     x = dropout(x.astype(dtype)) if floating else x
@@ -498,6 +489,26 @@ def _per_example_output(
 
     delta = jax.vmap(one)(x, a, b)
     return out + delta.astype(out.dtype)
+
+
+def _bank(wrapper: LoRA, module: nn.Module, param: str) -> tuple[Array, Array] | None:
+    """The module's precomputed bank (A, B) if the call was given one, checked against the
+    active adapters; else None."""
+    leaf = param + "_bank"
+    if not module.has_variable(bank.BANK, leaf):
+        return None
+    record = module.get_variable(bank.BANK, leaf)
+    if not isinstance(record, bank.Bank) or record.names != wrapper.active_names:
+        found = getattr(record, "names", type(record).__name__)
+        raise ValueError(
+            f"The '{bank.BANK}' collection stacks adapters {found} at "
+            f"'{_paths.join(_paths.module_path(module), param)}', but adapter_ids index "
+            f"LoRA.active {wrapper.active_names}: make the bank with "
+            "lora_jax.adapter_bank(params, names=lora_model.active_names)."
+        )
+    a = module.get_variable(bank.BANK, leaf + "_a")
+    b = module.get_variable(bank.BANK, leaf + "_b")
+    return a, b
 
 
 def _leaf(

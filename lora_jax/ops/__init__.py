@@ -3,6 +3,7 @@ adapters and their weighted combination, summary."""
 
 from lora_jax.ops.merge import RequantizeReport, merge, unmerge
 from lora_jax.ops.named import (
+    adapter_bank,
     adapter_names,
     add_adapter,
     delete_adapter,
@@ -19,6 +20,7 @@ __all__ = [
     "Combination",
     "RequantizeReport",
     "Summary",
+    "adapter_bank",
     "adapter_names",
     "add_adapter",
     "add_weighted_adapter",

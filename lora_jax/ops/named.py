@@ -11,7 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import jax.numpy as jnp
+
 from lora_jax import _paths, _trees
+from lora_jax.adapters import bank
 from lora_jax.adapters.plan import Plan
 from lora_jax.linen.init import init
 
@@ -186,4 +189,61 @@ def join_adapter(params: Tree, loaded: Tree, name: str, what: str) -> dict:
         loaded = rename_adapter(loaded, _paths.DEFAULT, name)
     out = _trees.flat(params)
     out.update(_trees.flat(loaded))
+    return _trees.unflat(out)
+
+
+def adapter_bank(params: Tree, names: Iterable[str]) -> dict:
+    """Stacks named adapters once, for serving with per-example `adapter_ids`.
+
+    ``lora_model.apply({**params, **adapter_bank(params, lora_model.active_names)}, x,
+    adapter_ids=ids)`` computes what ``lora_model.apply(params, x, adapter_ids=ids)`` does,
+    without stacking every active adapter in every call (see `lora_jax.adapters.bank`).
+    Remake the bank after the adapters change.
+
+    Args:
+      params: a tree with named plain-LoRA adapters (layers stored one per module: a model
+        whose layers run under `nn.scan` stacks its adapters in each call instead).
+      names: the adapters, in the order `adapter_ids` index (`LoRA.active_names`).
+
+    Returns:
+      ``{"lora_bank": ...}``: the stacked factors (B scaled, ranks padded) and a `Bank`
+      record per adapted parameter, to pass beside the params.
+
+    Raises:
+      ValueError: an unknown name; an adapter that is not plain LoRA; layers stacked on a
+        leading axis (`nn.scan`).
+    """
+    names = check_names(params, names, "adapter_bank")
+    flat, plan = _trees.flat(params), Plan.of(params)
+    by_param: dict[str, dict] = {}
+    for (param, name), record in plan.adapters.items():
+        if name in names:
+            by_param.setdefault(param, {})[name] = record
+    out: dict[str, Any] = {}
+    for param, records in sorted(by_param.items()):
+        first = next(iter(records.values()))
+        leaf_of = lambda n, leaf, param=param: _trees.unbox(flat[_paths.leaf_path(param, leaf, n)])
+        stored = jnp.shape(_trees.unbox(flat[param]))
+        problems = [
+            f"adapter {n!r} at '{_paths.to_param(param)}' is {r.variant!r}, not plain LoRA"
+            for n, r in records.items()
+            if r.variant != "lora"
+        ]
+        if first.geometry.stacked(stored):
+            problems.append(
+                f"'{_paths.to_param(param)}' is stored stacked ({stored}, layers under "
+                "nn.scan): LoRA stacks such adapters in each call; pass no bank"
+            )
+        if problems:
+            raise ValueError(f"adapter_bank: {'; '.join(problems)}.")
+        entries = [
+            (leaf_of(n, "a"), leaf_of(n, "b"), records[n].scale) if n in records else None
+            for n in names
+        ]
+        dtype = jnp.result_type(leaf_of(next(iter(records)), "a"))
+        a, b = bank.stack(first.geometry, entries, dtype)
+        module, leaf = _paths.split(_paths.to_param(param))
+        where = _paths.join(bank.BANK, module, leaf + "_bank")
+        out[where] = bank.Bank(names, int(a.shape[-1]))
+        out[where + "_a"], out[where + "_b"] = a, b
     return _trees.unflat(out)
