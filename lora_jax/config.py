@@ -16,7 +16,9 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-INITS = ("kaiming", "gaussian")
+INITS = ("kaiming", "gaussian", "pissa", "olora", "loftq")  # and "pissa_niter_<n>"
+BASE_INITS = ("pissa", "olora", "loftq")  # start from the base weight and change it
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 ALL_LINEAR = "all-linear"  # PEFT's special `targets` value
 OUTPUT_HEADS = ("lm_head",)  # what "all-linear" leaves out
 QUANT_FORMATS = ("nf4", "fp4", "int4")
@@ -198,7 +200,12 @@ class LoraConfig:
       alpha_pattern: regex -> alpha overrides per module path, first match wins.
       use_rslora: scale by alpha / sqrt(rank) (rank-stabilized LoRA).
       init: "kaiming" (A uniform with bound 1/sqrt(fan_in), as PEFT; B zeros) or "gaussian"
-        (A normal with std 1/rank; B zeros). Embeddings follow PEFT: A zeros, B normal.
+        (A normal with std 1/rank; B zeros); embeddings follow PEFT: A zeros, B normal. Or
+        an init that starts from the base weight and changes the base so the model still
+        starts as the base model (`lora_jax.adapters.inits`): "pissa" (top-r singular
+        triplets; "pissa_niter_<n>": randomized SVD with n power iterations), "olora" (QR),
+        "loftq" (4-bit bases: alternating quantization and SVD, `loftq_iter` rounds).
+      loftq_iter: LoftQ's alternating rounds (init="loftq").
       param_dtype: storage dtype of the adapter parameters.
       trainable: regexes of extra base parameter paths to train in full, e.g.
         ``("lm_head/kernel",)`` or ``("norm/scale", ".*_layernorm/scale")`` (PEFT's
@@ -222,6 +229,7 @@ class LoraConfig:
     trainable: tuple[str, ...] = ()
     quantize: QuantConfig | None = None
     variant: str = "lora"
+    loftq_iter: int = 1
 
     def __post_init__(self) -> None:
         _check_rank("rank", self.rank)
@@ -241,8 +249,13 @@ class LoraConfig:
         set_("alpha_pattern", _as_pattern("alpha_pattern", self.alpha_pattern, _check_alpha))
         if not isinstance(self.use_rslora, bool):
             raise TypeError(f"LoraConfig.use_rslora must be a bool, got {self.use_rslora!r}.")
-        if self.init not in INITS:
-            raise ValueError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}.")
+        if self.init not in INITS and not (
+            isinstance(self.init, str) and _PISSA_NITER.fullmatch(self.init)
+        ):
+            raise ValueError(
+                f"LoraConfig.init must be one of {INITS} or 'pissa_niter_<n>', got {self.init!r}."
+            )
+        _check_rank("loftq_iter", self.loftq_iter)
         set_("param_dtype", float_dtype("LoraConfig.param_dtype", self.param_dtype))
         trainable = (self.trainable,) if isinstance(self.trainable, str) else tuple(self.trainable)
         for pattern in trainable:
@@ -254,6 +267,37 @@ class LoraConfig:
             )
         if self.variant not in VARIANTS:
             raise ValueError(f"LoraConfig.variant must be one of {VARIANTS}, got {self.variant!r}.")
+        base_init = self.base_init
+        if base_init == "loftq" and self.quantize is None:
+            raise ValueError(
+                "LoraConfig(init='loftq') is for a 4-bit base: set LoraConfig.quantize, or use "
+                "init='pissa' for a dense base."
+            )
+        if base_init in ("pissa", "olora") and self.quantize is not None:
+            raise ValueError(
+                f"LoraConfig(init={self.init!r}) replaces the base by a residual, which a 4-bit "
+                "base cannot hold exactly: use init='loftq' with quantize, or quantize=None."
+            )
+        if base_init is not None and self.variant != "lora":
+            raise ValueError(
+                f"LoraConfig(init={self.init!r}) is defined for variant='lora', not "
+                f"{self.variant!r}."
+            )
+
+    @property
+    def base_init(self) -> str | None:
+        """ "pissa", "olora" or "loftq" when `init` starts from the base weight, else None."""
+        return (
+            "pissa"
+            if _PISSA_NITER.fullmatch(self.init)
+            else (self.init if self.init in BASE_INITS else None)
+        )
+
+    @property
+    def pissa_niter(self) -> int | None:
+        """The power iterations of a randomized-SVD PiSSA init ("pissa_niter_<n>"), else None."""
+        m = _PISSA_NITER.fullmatch(self.init)
+        return int(m[1]) if m else None
 
     def is_target(self, path: str, *, linear: bool = True) -> bool:
         """Whether the module at `path` gets an adapter (`linear`: whether it is a linear

@@ -595,3 +595,41 @@ def test_dora_gives_peft_use_dora_logits_and_save_peft_refuses_it(bases, tmp_pat
     assert rel_error(model.apply(lj.merge(params), IDS), expected) <= 1e-4
     with pytest.raises(ValueError, match="variant 'dora' is not plain LoRA"):
         save_peft(tmp_path, params, cfg)
+
+
+# --------------------------------------------------------------------------- PiSSA, OLoRA
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_base_changing_inits_match_peft_and_export_for_the_original_base(bases, tmp_path, init):
+    """init="pissa" / "olora" give PEFT's residual base and ΔW (singular vectors' signs aside:
+    compared as W_res and s·A@B); trained, `to_original_base` writes a rank-2r PEFT file that
+    PEFT applies to the untouched pretrained model with the trained model's logits."""
+    config = peft.LoraConfig(
+        task_type="CAUSAL_LM", r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+        init_lora_weights=init,
+    )  # fmt: skip
+    peft_model = peft.get_peft_model(fresh(bases, "untied"), config).eval()
+    model, base = load_pretrained(bases["untied"])
+    cfg = lj.LoraConfig(rank=2, alpha=4.0, targets=("q_proj", "v_proj"), init=init)
+    lora_model = lj.LoRA(model, cfg)
+    params = lj.init(lora_model, jax.random.key(1), IDS, base_params=base)
+    for hf, module in peft_model.named_modules():
+        if not hasattr(module, "lora_A") or "default" not in module.lora_A:
+            continue
+        here = params["params"]
+        for key in LLAMA.from_hf(hf.removeprefix(PREFIX)).split("/"):
+            here = here[key]
+        w_res = module.base_layer.weight.detach().numpy().T
+        b_a = (module.lora_B["default"].weight @ module.lora_A["default"].weight).detach().numpy()
+        delta = here["kernel_lora_a"] @ here["kernel_lora_b"] * 2.0
+        np.testing.assert_allclose(here["kernel"], w_res, atol=2e-5)
+        np.testing.assert_allclose(delta, 2.0 * b_a.T, atol=2e-5)
+    assert rel_error(lora_model.apply(params, IDS), torch_logits(peft_model, IDS)) <= 1e-4
+    initial = jax.tree.map(jnp.copy, lj.partition(params)[0])
+    trained = randomize_adapters(params, jax.random.key(4), 0.3)
+    converted, converted_cfg = lj.to_original_base(trained, initial, cfg)
+    assert converted_cfg.rank == 4
+    save_peft(tmp_path, converted, converted_cfg)
+    loaded = peft.PeftModel.from_pretrained(fresh(bases, "untied"), tmp_path).eval()
+    assert rel_error(lora_model.apply(trained, IDS), torch_logits(loaded, IDS)) <= 1e-4

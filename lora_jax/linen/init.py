@@ -10,6 +10,7 @@ only the adapter leaves.
 from __future__ import annotations
 
 import warnings
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,10 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import _paths, _trees
+from lora_jax.adapters import inits
 from lora_jax.adapters.plan import Plan
 from lora_jax.config import QuantConfig
 from lora_jax.linen.module import LoRA, check_quantized
-from lora_jax.quant.formats import QuantizedTensor, quantize_array
+from lora_jax.quant.formats import QuantizedTensor, dequantize, quantize_array
 
 
 def plan(lora_model: LoRA, rng: Any, *args: Any, **kwargs: Any) -> Plan:
@@ -104,12 +106,15 @@ def init(
         variables = lora_model.init(rngs, *args, **kwargs)
         the_plan = Plan.of(variables)
         _warn_rank(the_plan)
-        return _quantize_base(variables, the_plan, qcfg)
+        dense = _trees.flat(variables)
+        variables = _quantize_base(variables, the_plan, qcfg)
+        return _from_base(lora_model, the_plan, variables, dense, rngs["params"])
     abstract = _abstract(lora_model, rngs, args, kwargs)
     the_plan = Plan.of(abstract)
     _warn_rank(the_plan)
     base = _base_variables(base_params, abstract)
     _check_fits(base, abstract, the_plan, args)
+    dense = _trees.flat(base)
     base = _quantize_base(base, the_plan, qcfg)
     base[_paths.LORA] = the_plan.records()
 
@@ -125,7 +130,79 @@ def init(
     flat = {k: jnp.asarray(v) if isinstance(v, np.ndarray) else v for k, v in flat.items()}
     for param in the_plan.extras:
         flat[param] = jax.tree.map(jnp.copy, flat[param])
+    return _from_base(lora_model, the_plan, _trees.unflat(flat), dense, rngs["params"])
+
+
+def _from_base(lora_model: LoRA, the_plan: Plan, variables: dict, dense: dict, key: Any) -> dict:
+    """Applies the inits that start from the base weight (PiSSA, OLoRA, LoftQ): each such
+    adapter's A and B, and its kernel replaced by the residual (LoftQ: quantized again).
+    `dense` holds the kernels as given, before any quantization."""
+    todo = [
+        (param, name, record, lora_model.configs[name])
+        for (param, name), record in sorted(the_plan.adapters.items())
+        if lora_model.configs[name].base_init is not None
+    ]
+    if not todo:
+        return variables
+    taken = {}
+    for param, name, _, _ in todo:
+        if param in taken:
+            raise ValueError(
+                f"'{_paths.to_param(param)}': adapters {taken[param]!r} and {name!r} both start "
+                "from the base weight (LoraConfig.init) and change it; only one may."
+            )
+        taken[param] = name
+    flat = _trees.flat(variables)
+    for param, name, record, cfg in todo:
+        g = record.geometry
+        w = _trees.unbox(dense[param])
+        if isinstance(w, QuantizedTensor):
+            raise ValueError(
+                f"LoraConfig(init={cfg.init!r}) starts from the dense weight of "
+                f"'{_paths.to_param(param)}', but base_params hold it in 4 bits: pass the "
+                "dense base (lora_jax.init quantizes it)."
+            )
+        lead = w.shape[: w.ndim - len(g.shape) + g.n_batch]
+        matrix = jnp.asarray(w, jnp.float32).reshape((*lead, g.fan_in, g.fan_out))
+        if cfg.base_init == "pissa":
+            k = jax.random.fold_in(key, zlib.crc32(param.encode()))
+            a, b, res = inits.pissa(matrix, g.rank, record.scale, cfg.pissa_niter, k)
+            kernel = res.reshape(w.shape).astype(w.dtype)
+        elif cfg.base_init == "olora":
+            a, b, res = inits.olora(matrix, g.rank, record.scale)
+            kernel = res.reshape(w.shape).astype(w.dtype)
+        else:
+            marker = the_plan.quantized[param]
+            a, b, kernel = _loftq(w, matrix, record, cfg, marker, _paths.to_param(param))
+        flat[param] = _trees.rebox(flat[param], kernel)
+        for leaf, value, shape in (
+            ("a", a, (*g.in_shape, g.rank)),
+            ("b", b, (g.rank, *g.out_shape)),
+        ):
+            path = _paths.leaf_path(param, leaf, name)
+            old = _trees.unbox(flat[path])
+            value = value.reshape((*lead, *shape)).astype(old.dtype)
+            flat[path] = _trees.rebox(flat[path], value)
     return _trees.unflat(flat)
+
+
+def _loftq(
+    w: Any, matrix: jax.Array, record: Any, cfg: Any, marker: Any, where: str
+) -> tuple[jax.Array, jax.Array, QuantizedTensor]:
+    """LoftQ's (A, B, 4-bit kernel) for one dense kernel `w` (`matrix`: its matrix view)."""
+    n_lead = marker.lead_axes(w.ndim)
+
+    def quantize(m: jax.Array) -> QuantizedTensor:
+        return quantize_array(
+            m.reshape(w.shape), cfg.quantize, n_lead=n_lead, n_in=marker.n_in, path=where
+        )
+
+    def dense_of(q: QuantizedTensor) -> jax.Array:
+        return dequantize(q, jnp.float32).reshape(matrix.shape)
+
+    g = record.geometry
+    a, b, kernel, _ = inits.loftq(matrix, g.rank, record.scale, quantize, dense_of, cfg.loftq_iter)
+    return a, b, kernel
 
 
 def _check_model(lora_model: Any, what: str) -> None:

@@ -11,6 +11,7 @@ from lora_jax.ops.named import (
     rename_adapter,
 )
 from lora_jax.ops.partition import FROZEN, TRAINABLE, combine, labels, partition, trainable_paths
+from lora_jax.ops.residual import quantization_errors, to_original_base
 from lora_jax.ops.summary import Summary, summary
 from lora_jax.ops.weighted import Combination, add_weighted_adapter
 
@@ -30,8 +31,10 @@ __all__ = [
     "labels",
     "merge",
     "partition",
+    "quantization_errors",
     "rename_adapter",
     "summary",
+    "to_original_base",
     "trainable_paths",
     "unmerge",
 ]
