@@ -287,7 +287,7 @@ def _at(tree, path):
 
 
 def test_a_precomputed_bank_equals_stacking_per_call(two):
-    model, lora_model, _, params, x = two
+    _, lora_model, _, params, x = two
     ids = jnp.array([1, 0, -1])
     stacked = lj.adapter_bank(params, lora_model.active_names)
     got = lora_model.apply({**params, **stacked}, x, adapter_ids=ids)
