@@ -24,6 +24,7 @@ OUTPUT_HEADS = ("lm_head",)  # what "all-linear" leaves out
 QUANT_FORMATS = ("nf4", "fp4", "int4")
 QUANT_KERNELS = ("auto", "xla", "pallas")
 VARIANTS = ("lora", "dora")
+BIASES = ("none", "all", "lora_only")  # PEFT's `bias`
 
 Pattern = tuple[tuple[str, Any], ...]
 
@@ -206,6 +207,10 @@ class LoraConfig:
         triplets; "pissa_niter_<n>": randomized SVD with n power iterations), "olora" (QR),
         "loftq" (4-bit bases: alternating quantization and SVD, `loftq_iter` rounds).
       loftq_iter: LoftQ's alternating rounds (init="loftq").
+      bias: which biases train in full beside the adapters, as PEFT's `bias`: "none", "all"
+        (every parameter named "bias" in the model) or "lora_only" (the biases of the
+        adapted layers). They are trainable extras like `trainable`'s: saved in the adapter
+        files, left as trained by `merge`.
       param_dtype: storage dtype of the adapter parameters.
       trainable: regexes of extra base parameter paths to train in full, e.g.
         ``("lm_head/kernel",)`` or ``("norm/scale", ".*_layernorm/scale")`` (PEFT's
@@ -230,6 +235,7 @@ class LoraConfig:
     quantize: QuantConfig | None = None
     variant: str = "lora"
     loftq_iter: int = 1
+    bias: str = "none"
 
     def __post_init__(self) -> None:
         _check_rank("rank", self.rank)
@@ -267,6 +273,8 @@ class LoraConfig:
             )
         if self.variant not in VARIANTS:
             raise ValueError(f"LoraConfig.variant must be one of {VARIANTS}, got {self.variant!r}.")
+        if self.bias not in BIASES:
+            raise ValueError(f"LoraConfig.bias must be one of {BIASES}, got {self.bias!r}.")
         base_init = self.base_init
         if base_init == "loftq" and self.quantize is None:
             raise ValueError(
@@ -319,9 +327,16 @@ class LoraConfig:
         rank = self.rank_for(path)
         return float(self.alpha_for(path)) / (math.sqrt(rank) if self.use_rslora else rank)
 
-    def is_trainable_extra(self, param_path: str) -> bool:
-        """Whether a base parameter path is one of the `trainable` extras."""
-        return any(matches_pattern(p, param_path) for p in self.trainable)
+    def is_trainable_extra(self, param_path: str, adapted: bool | None = None) -> bool:
+        """Whether a base parameter path is one of the `trainable` extras, or a bias that
+        `bias` trains (`adapted`: whether its module has an adapter; None: the module is
+        one the targets select)."""
+        if any(matches_pattern(p, param_path) for p in self.trainable):
+            return True
+        module, _, leaf = param_path.rpartition("/")
+        if leaf != "bias" or self.bias == "none":
+            return False
+        return self.bias == "all" or (self.is_target(module) if adapted is None else adapted)
 
     def check_patterns(self, targeted: Sequence[str]) -> None:
         """Raises if a `rank_pattern` / `alpha_pattern` key matches none of the targeted paths."""

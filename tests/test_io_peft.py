@@ -383,14 +383,14 @@ def edit_tensors(path, edit):
         ({"layers_to_transform": [0]}, r"layers_to_transform=\[0\]"),
         ({"layers_pattern": "layers"}, r"layers_pattern='layers'"),
         ({"fan_in_fan_out": True}, r"fan_in_fan_out=True"),
-        ({"bias": "all"}, r"bias='all'"),
+        ({"bias": "some"}, r"bias='some': PEFT's bias is one of"),
         ({"lora_bias": True}, r"lora_bias=True"),
         ({"init_lora_weights": "pissa"}, r"init_lora_weights='pissa'.*base weights"),
         ({"loftq_config": {"loftq_bits": 4}}, r"loftq_config=.*LoftQ"),
         ({"megatron_config": {"tp": 2}}, r"megatron_config="),
         ({"target_parameters": ["mlp.experts"]}, r"target_parameters="),
         ({"new_feature_config": {"x": 1}}, r"new_feature_config=.*does not know"),
-        ({"use_dora": True, "bias": "all"}, r"\(2 problems\)"),
+        ({"use_dora": True, "lora_bias": True}, r"\(2 problems\)"),
         ({"target_modules": ["q_proj"]}, r"'model.layers.0.self_attn.v_proj'.*does not select"),
         ({"target_modules": ["q_proj", "v_proj", "k_proj"]}, r"selects '.*k_proj' but tensor"),
         ({"modules_to_save": ["score"]}, r"modules_to_save names 'score'"),
@@ -633,3 +633,36 @@ def test_base_changing_inits_match_peft_and_export_for_the_original_base(bases, 
     save_peft(tmp_path, converted, converted_cfg)
     loaded = peft.PeftModel.from_pretrained(fresh(bases, "untied"), tmp_path).eval()
     assert rel_error(lora_model.apply(trained, IDS), torch_logits(loaded, IDS)) <= 1e-4
+
+
+# --------------------------------------------------------------------------- bias
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_bias_modes_round_trip_with_peft(tmp_path, bias):
+    """PEFT's bias="all" / "lora_only" (trained biases saved beside the adapters) loads as
+    LoraConfig.bias with PEFT's logits, and save_peft writes it back for PEFT."""
+    hf = random_hf_model(transformers.LlamaConfig(**SIZES, attention_bias=True))
+    hf.save_pretrained(tmp_path / "base")
+    config = peft.LoraConfig(
+        task_type="CAUSAL_LM", r=2, lora_alpha=4, target_modules=["q_proj"], bias=bias
+    )
+    peft_model = peft.get_peft_model(hf, config).eval()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            trains = name.endswith(".bias") and (bias == "all" or "q_proj" in name)
+            if "lora_" in name or trains:  # what PEFT trains, and so saves
+                p.copy_(0.3 * torch.randn_like(p))
+    peft_model.save_pretrained(tmp_path / "theirs")
+    model, base = load_pretrained(tmp_path / "base")
+    params, cfg = load_peft(tmp_path / "theirs", base)
+    assert cfg.bias == bias and cfg.trainable == ()
+    trained = {p for p in lj.trainable_paths(params) if p.endswith("/bias")}
+    assert len(trained) == (8 if bias == "all" else 2)  # q, k, v, o; or q alone (2 layers)
+    expected = torch_logits(peft_model, IDS)
+    assert rel_error(lj.LoRA(model, cfg).apply(params, IDS), expected) <= 1e-4
+    save_peft(tmp_path / "ours", params, cfg)
+    fresh_base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    loaded = peft.PeftModel.from_pretrained(fresh_base, tmp_path / "ours").eval()
+    assert rel_error(torch_logits(loaded, IDS), expected) <= 1e-4

@@ -357,3 +357,41 @@ def test_all_linear_leaves_embeddings_and_convs_alone():
     x = jnp.zeros((1, 5), jnp.int32)
     plan = lj.plan(lj.LoRA(Mixed(), lj.LoraConfig(targets="all-linear")), jax.random.key(0), x)
     assert [p for p, _ in plan.adapters] == ["params/proj/kernel"]
+
+
+@pytest.mark.parametrize("bias, trained", [("all", 8), ("lora_only", 2)])
+def test_bias_modes_train_biases_and_survive_save_and_merge(tmp_path, bias, trained):
+    from lora_jax.models import Llama, LlamaConfig
+
+    model = Llama(LlamaConfig.tiny(qkv_bias=True, o_bias=True))
+    x = jnp.zeros((1, 8), jnp.int32)
+    base = jax.jit(model.init)(jax.random.key(0), x)
+    cfg = lj.LoraConfig(targets=("q_proj",), bias=bias)
+    params = lj.init(lj.LoRA(model, cfg), jax.random.key(1), x, base_params=base)
+    biases = sorted(p for p in lj.trainable_paths(params) if p.endswith("/bias"))
+    assert len(biases) == trained and all(("q_proj" in p) or bias == "all" for p in biases)
+    params = lj.combine(*_shifted(lj.partition(params)))
+    lj.save_adapter(tmp_path, params, cfg)
+    loaded, loaded_cfg = lj.load_adapter(tmp_path, base)
+    assert loaded_cfg.bias == bias
+    same = lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    same(lj.LoRA(model, cfg).apply(loaded, x), lj.LoRA(model, cfg).apply(params, x))
+    same(
+        lj.merge(params)["params"]["layers_0"]["self_attn"]["q_proj"]["bias"],
+        _at(params, biases[0]),
+    )
+    with pytest.raises(ValueError, match=r"LoraConfig\(bias='all'\) finds no parameter named"):
+        lj.init(lj.LoRA(Llama(LlamaConfig.tiny()), lj.LoraConfig(bias="all")), jax.random.key(1), x)
+    with pytest.raises(ValueError, match=r"LoraConfig.bias must be one of"):
+        lj.LoraConfig(bias="some")
+
+
+def _shifted(halves):
+    trainable, frozen = halves
+    return jax.tree.map(lambda v: v + 0.5, trainable), frozen
+
+
+def _at(tree, path):
+    for part in path.split("/"):
+        tree = tree[part]
+    return tree

@@ -36,9 +36,14 @@ PEFT does that only with ``ensure_weight_tying: true`` (its lm_head adapter then
 embedding's A and B), which `save_peft` writes for a model without an output head of its own
 and `load_peft` requires there.
 
+PEFT's ``bias`` ("all", "lora_only": the biases trained beside the adapters, saved by their
+own names) is `LoraConfig.bias`. A PiSSA / OLoRA adapter goes to PEFT as a rank-2r LoRA over
+the original base (`lora_jax.to_original_base`), as PEFT's own conversion writes it.
+
 Not supported (each an error naming the field): peft_type other than "LORA", use_dora,
-layers_to_transform / layers_pattern, fan_in_fan_out, bias other than "none", lora_bias,
-init_lora_weights that change the base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA),
+layers_to_transform / layers_pattern, fan_in_fan_out, lora_bias, init_lora_weights that
+change the base weights (a file that needs the changed base: PiSSA, OLoRA, CorDA, LoftQ,
+LoRA-GA),
 loftq_config, megatron_config, target_parameters, trainable_token_indices, layer_replication,
 activated LoRA, QA-LoRA and the other PEFT variants, and any field this module does not know
 that is set. Nothing is ever unpickled: a directory with only ``adapter_model.bin`` is refused.
@@ -69,7 +74,7 @@ from lora_jax import _paths, _trees
 from lora_jax.adapters.geometry import Geometry
 from lora_jax.adapters.plan import Plan
 from lora_jax.adapters.records import Adapter
-from lora_jax.config import ALL_LINEAR, LoraConfig, matches_names
+from lora_jax.config import ALL_LINEAR, BIASES, LoraConfig, matches_names
 from lora_jax.io import _assembly
 from lora_jax.io.hf_names import LLAMA, NameMap
 from lora_jax.ops.named import base_of, join_adapter, only_adapter
@@ -334,7 +339,12 @@ def save_peft(
     model = _Model.of({_paths.to_param(k): v for k, v in flat.items() if _in_params(k)}, names)
     problems: list[str] = []
     tensors, adapted = _adapter_tensors(plan, model, names, problems)
+    biases = _bias_tensors(plan, config, model, adapted, problems)
+    plan = dataclasses.replace(
+        plan, extras=plan.extras - {_paths.to_variables(p) for p in biases.values()}
+    )
     to_save, saved = _modules_to_save(plan, model, names, adapted, problems)
+    saved.update({k: np.asarray(model.params[p]) for k, p in biases.items()})
     _trees.raise_problems("save_peft: params hold what a PEFT adapter cannot", problems)
     peft_config = {
         **PEFT_DEFAULTS,
@@ -345,6 +355,7 @@ def save_peft(
         "use_rslora": config.use_rslora,
         "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
         "modules_to_save": to_save or None,
+        "bias": config.bias,
         "ensure_weight_tying": model.tied and model.embedding in adapted,
         "target_modules": _peft_targets(config, adapted, model, to_save),
         **_peft_patterns(config, adapted),
@@ -355,6 +366,33 @@ def save_peft(
     )
     text = json.dumps(peft_config, indent=2, sort_keys=True) + "\n"
     return _replace_dir(Path(path), {CONFIG_FILE: text.encode(), WEIGHTS_FILE: data})
+
+
+def _bias_tensors(
+    plan: Plan,
+    config: LoraConfig,
+    model: _Model,
+    adapted: Mapping[str, str],
+    problems: list[str],
+) -> dict[str, str]:
+    """PEFT's tensor name -> lora_jax path of each bias that `config.bias` trains (PEFT saves
+    them under the model's own names, beside the adapters, with ``bias`` in the config; an
+    adapted layer's as ``<module>.base_layer.bias``)."""
+    out = {}
+    by_param = {p: k for k, p in model.tensors.items()}
+    for var_path in sorted(plan.extras):
+        param = _paths.to_param(var_path)
+        if _paths.basename(param) != "bias" or config.bias == "none":
+            continue
+        if any(re.fullmatch(f"(?:.*/)?(?:{t})", param) for t in config.trainable):
+            continue  # a module to save holds it
+        if param not in by_param:
+            problems.append(f"the bias '{param}' has no Hugging Face name.")
+            continue
+        name = by_param[param]
+        module = name.removesuffix(".bias")
+        out[PREFIX + (module + ".base_layer.bias" if module in adapted else name)] = param
+    return out
 
 
 def _in_params(var_path: str) -> bool:
@@ -594,6 +632,12 @@ class _Found:
                 problems.append(f"tensor '{key}' does not start with '{PREFIX}'.")
             elif name in saved_names:
                 found.saved[saved_names[name]] = value
+            elif (
+                config.get("bias", "none") != "none"
+                and name.endswith(".bias")
+                and name.replace(".base_layer.", ".") in model.tensors
+            ):  # a bias PEFT trains (`bias`); an adapted layer's under its base_layer
+                found.saved[model.tensors[name.replace(".base_layer.", ".")]] = value
             elif ending is not None:
                 module = name.removesuffix("." + ending)
                 found.adapters.setdefault(module, {})[suffixes[ending][1]] = value
@@ -803,7 +847,11 @@ def _lora_config(
         use_rslora=bool(peft_config.get("use_rslora", False)),
         init="gaussian" if peft_config.get("init_lora_weights") == "gaussian" else "kaiming",
         param_dtype=dtypes.pop() if len(dtypes) == 1 else np.float32,
-        trainable=tuple(sorted(re.escape(p) for p in found.saved)),
+        bias=peft_config.get("bias", "none"),
+    )
+    biases = LoraConfig(targets=chosen, bias=fields["bias"])
+    fields["trainable"] = tuple(
+        sorted(re.escape(p) for p in found.saved if not biases.is_trainable_extra(p))
     )
     for field, index, default in (
         ("rank_pattern", 0, fields["rank"]),
@@ -890,11 +938,8 @@ def _read_config(file: Path) -> dict[str, Any]:
     for field, why in _UNSUPPORTED.items():
         if field in config and not _is_default(config[field], PEFT_DEFAULTS[field]):
             problems.append(f"{field}={config[field]!r}: {why}.")
-    if config.get("bias", "none") != "none":
-        problems.append(
-            f"bias={config['bias']!r}: PEFT then trains the base layers' biases, which the "
-            "file holds as base weights."
-        )
+    if config.get("bias", "none") not in BIASES:
+        problems.append(f"bias={config['bias']!r}: PEFT's bias is one of {BIASES}.")
     init = config.get("init_lora_weights", True)
     if init not in _PLAIN_INITS:
         problems.append(

@@ -575,14 +575,17 @@ def _dropout(cfg: LoraConfig, module: nn.Module) -> Callable[[Array], Array]:
 
 
 def _plan_extras(cfg: LoraConfig, module: nn.Module, path: str, trace: _Trace) -> None:
-    """Marks the module's parameters that `cfg.trainable` selects (at init only)."""
-    if not cfg.trainable:
+    """Marks the module's parameters that `cfg.trainable` (or `cfg.bias`) selects (at init
+    only)."""
+    if not cfg.trainable and cfg.bias == "none":
         return
+    rule = rule_for(type(module))
+    adapted = rule is not None and cfg.is_target(path, linear=_linear(rule))
     for name, value in module.variables.get("params", {}).items():
         param_path = _param_path(path, name)
         if isinstance(value, Mapping) or _paths.parse(name) is not None:
             continue
-        if not cfg.is_trainable_extra(param_path):
+        if not cfg.is_trainable_extra(param_path, adapted):
             continue
         dtype = jnp.result_type(_trees.unbox(value))
         if not jnp.issubdtype(dtype, jnp.floating):
@@ -729,6 +732,12 @@ def _check_trace(cfg: LoraConfig, trace: _Trace, name: str = _paths.DEFAULT) -> 
         raise ValueError(
             f"QuantConfig.targets={cfg.quantize.targets!r} (exclude={cfg.quantize.exclude!r}) "
             f"matches no linear layer. Adaptable module paths: {listed}."
+        )
+    if cfg.bias != "none" and not any(p.endswith("/bias") for p in trace.extras):
+        raise ValueError(
+            f"LoraConfig(bias={cfg.bias!r}) finds no parameter named 'bias' in "
+            + ("the adapted layers" if cfg.bias == "lora_only" else "the model")
+            + ": use bias='none'."
         )
     for pattern in cfg.trainable:
         if not any(matches_pattern(pattern, p) for p in trace.extras):
