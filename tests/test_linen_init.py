@@ -378,7 +378,7 @@ def test_bias_modes_train_biases_and_survive_save_and_merge(tmp_path, bias, trai
     same(lj.LoRA(model, cfg).apply(loaded, x), lj.LoRA(model, cfg).apply(params, x))
     same(
         lj.merge(params)["params"]["layers_0"]["self_attn"]["q_proj"]["bias"],
-        _at(params, biases[0]),
+        _at(params, "params/layers_0/self_attn/q_proj/bias"),
     )
     with pytest.raises(ValueError, match=r"LoraConfig\(bias='all'\) finds no parameter named"):
         lj.init(lj.LoRA(Llama(LlamaConfig.tiny()), lj.LoraConfig(bias="all")), jax.random.key(1), x)
