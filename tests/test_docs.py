@@ -30,7 +30,7 @@ import lora_jax as lj
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-COVERED = ["checkpoints.md", "huggingface.md", "qlora.md", "scaling_out.md"]
+COVERED = ["checkpoints.md", "huggingface.md", "qlora.md", "scaling_out.md", "variants.md"]
 # A fence at any indentation (a snippet inside a list item), closed at the same indentation.
 BLOCK = re.compile(r"^([ \t]*)```python[ \t]*\n(.*?)^\1```[ \t]*$", re.M | re.S)
 # Runs the blocks in one namespace, each compiled at its line of the Markdown file, so that a
