@@ -44,7 +44,7 @@ import lora_jax as lj
         (dict(alpha_pattern={"v_proj": -3}), r"LoraConfig.alpha_pattern\['v_proj'\] .* got -3"),
         (
             dict(init="xavier"),
-            r"LoraConfig.init must be one of \('kaiming', 'gaussian'\), got 'xavier'",
+            r"LoraConfig.init must be one of \('kaiming', 'gaussian', 'pissa', 'olora', 'loftq'\) or 'pissa_niter_<n>', got 'xavier'",
         ),
         (dict(param_dtype=jnp.int32), r"LoraConfig.param_dtype must be a floating dtype"),
         (dict(trainable=("lm_head(",)), r"LoraConfig.trainable has an invalid regular expression"),
