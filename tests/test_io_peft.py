@@ -379,7 +379,10 @@ def edit_tensors(path, edit):
     "fields, message",
     [
         ({"peft_type": "IA3"}, r"peft_type 'IA3'"),
-        ({"use_dora": True}, r"use_dora=True: DoRA"),
+        (
+            {"use_dora": True},
+            r"'base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector' is missing",
+        ),
         ({"layers_to_transform": [0]}, r"layers_to_transform=\[0\]"),
         ({"layers_pattern": "layers"}, r"layers_pattern='layers'"),
         ({"fan_in_fan_out": True}, r"fan_in_fan_out=True"),
@@ -390,7 +393,7 @@ def edit_tensors(path, edit):
         ({"megatron_config": {"tp": 2}}, r"megatron_config="),
         ({"target_parameters": ["mlp.experts"]}, r"target_parameters="),
         ({"new_feature_config": {"x": 1}}, r"new_feature_config=.*does not know"),
-        ({"use_dora": True, "lora_bias": True}, r"\(2 problems\)"),
+        ({"layers_pattern": "layers", "lora_bias": True}, r"\(2 problems\)"),
         ({"target_modules": ["q_proj"]}, r"'model.layers.0.self_attn.v_proj'.*does not select"),
         ({"target_modules": ["q_proj", "v_proj", "k_proj"]}, r"selects '.*k_proj' but tensor"),
         ({"modules_to_save": ["score"]}, r"modules_to_save names 'score'"),
@@ -557,15 +560,15 @@ def test_save_peft_replaces_the_adapter_atomically(made, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- DoRA
 
 
-def test_dora_gives_peft_use_dora_logits_and_save_peft_refuses_it(bases, tmp_path):
-    """lora_jax's DoRA computes what PEFT's `use_dora=True` computes, on the same weights
-    (eval mode, so dropout plays no part); a PEFT file cannot hold it yet."""
+def test_dora_files_go_both_ways_with_peft(bases, tmp_path):
+    """lora_jax's DoRA computes what PEFT's `use_dora=True` computes (eval mode, so dropout
+    plays no part): PEFT's file loads with PEFT's logits, and save_peft writes it back (the
+    magnitude as PEFT's lora_magnitude_vector) for PEFT to load with the same logits."""
     torch.manual_seed(5)
     config = peft.LoraConfig(
         task_type="CAUSAL_LM", r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], use_dora=True
     )
     peft_model = peft.get_peft_model(fresh(bases, "untied"), config).eval()
-    tensors = {}
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_" in name:  # A, B and the magnitude, moved off their initial values
@@ -574,27 +577,18 @@ def test_dora_gives_peft_use_dora_logits_and_save_peft_refuses_it(bases, tmp_pat
                     if "magnitude" in name
                     else 0.3 * torch.randn_like(p)
                 )
-                tensors[name] = p.detach().numpy().copy()
+    peft_model.save_pretrained(tmp_path / "theirs")
     model, base = load_pretrained(bases["untied"])
-    cfg = lj.LoraConfig(rank=2, alpha=4.0, targets=("q_proj", "v_proj"), variant="dora")
-    params = lj.init(lj.LoRA(model, cfg), jax.random.key(1), IDS, base_params=base)
-    leaves = {"lora_A": ("a", np.transpose), "lora_B": ("b", np.transpose)}
-    leaves["lora_magnitude_vector"] = ("m", lambda v: v)
-    for name, value in tensors.items():
-        hf, kind = name.removeprefix(PREFIX).split(".lora_", 1)
-        kind = "lora_" + kind.split(".")[0]
-        leaf, fix = leaves[kind]
-        module = params["params"]
-        for key in LLAMA.from_hf(hf).split("/"):
-            module = module[key]
-        module[f"kernel_lora_{leaf}"] = jnp.asarray(fix(value))
-    logits = lj.LoRA(model, cfg).apply(params, IDS)
+    params, cfg = load_peft(tmp_path / "theirs", base)
+    assert cfg.variant == "dora"
     expected = torch_logits(peft_model, IDS)
+    logits = lj.LoRA(model, cfg).apply(params, IDS)
     assert rel_error(logits, expected) <= 1e-4
     assert rel_error(model.apply(base, IDS), expected) > 1e-2  # the adapters matter
     assert rel_error(model.apply(lj.merge(params), IDS), expected) <= 1e-4
-    with pytest.raises(ValueError, match="variant 'dora' is not plain LoRA"):
-        save_peft(tmp_path, params, cfg)
+    save_peft(tmp_path / "ours", params, cfg)
+    loaded = peft.PeftModel.from_pretrained(fresh(bases, "untied"), tmp_path / "ours").eval()
+    assert rel_error(torch_logits(loaded, IDS), expected) <= 1e-4
 
 
 # --------------------------------------------------------------------------- PiSSA, OLoRA

@@ -37,11 +37,12 @@ embedding's A and B), which `save_peft` writes for a model without an output hea
 and `load_peft` requires there.
 
 PEFT's ``bias`` ("all", "lora_only": the biases trained beside the adapters, saved by their
-own names) is `LoraConfig.bias`. A PiSSA / OLoRA adapter goes to PEFT as a rank-2r LoRA over
+own names) is `LoraConfig.bias`; ``use_dora`` (a ``lora_magnitude_vector`` per linear layer) is
+`LoraConfig(variant="dora")`. A PiSSA / OLoRA adapter goes to PEFT as a rank-2r LoRA over
 the original base (`lora_jax.to_original_base`), as PEFT's own conversion writes it.
 
-Not supported (each an error naming the field): peft_type other than "LORA", use_dora,
-layers_to_transform / layers_pattern, fan_in_fan_out, lora_bias, init_lora_weights that
+Not supported (each an error naming the field): peft_type other than "LORA", DoRA on
+embeddings, layers_to_transform / layers_pattern, fan_in_fan_out, lora_bias, init_lora_weights that
 change the base weights (a file that needs the changed base: PiSSA, OLoRA, CorDA, LoftQ,
 LoRA-GA),
 loftq_config, megatron_config, target_parameters, trainable_token_indices, layer_replication,
@@ -92,6 +93,7 @@ _SUFFIXES = {  # PEFT's tensor names of an adapter, by the lora_jax parameter an
     (_LINEAR, "b"): "lora_B.weight",
     (_EMBED, "a"): "lora_embedding_A",
     (_EMBED, "b"): "lora_embedding_B",
+    (_LINEAR, "m"): "lora_magnitude_vector",  # DoRA's magnitude (use_dora)
 }
 # PEFT 0.21's `LoraConfig().to_dict()` (peft_version left for PEFT to fill in: PEFT did not
 # write the file); `save_peft` writes every field, its own values over these.
@@ -114,7 +116,6 @@ PEFT_DEFAULTS: dict[str, Any] = {
 # Fields whose value changes the adapted model beyond plain LoRA: any value but the default
 # is refused, with the reason.
 _UNSUPPORTED = {
-    "use_dora": "DoRA (a magnitude vector per module) is not plain LoRA",
     "layers_to_transform": "layer selection by index is not translated",
     "layers_pattern": "layer selection by index is not translated",
     "fan_in_fan_out": "Conv1D weights (in, out) are not Llama-family linear layers",
@@ -338,7 +339,7 @@ def save_peft(
     flat = _trees.flat(values)
     model = _Model.of({_paths.to_param(k): v for k, v in flat.items() if _in_params(k)}, names)
     problems: list[str] = []
-    tensors, adapted = _adapter_tensors(plan, model, names, problems)
+    tensors, adapted = _adapter_tensors(plan, model, names, problems, config.variant)
     biases = _bias_tensors(plan, config, model, adapted, problems)
     plan = dataclasses.replace(
         plan, extras=plan.extras - {_paths.to_variables(p) for p in biases.values()}
@@ -356,6 +357,7 @@ def save_peft(
         "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
         "modules_to_save": to_save or None,
         "bias": config.bias,
+        "use_dora": config.variant == "dora",
         "ensure_weight_tying": model.tied and model.embedding in adapted,
         "target_modules": _peft_targets(config, adapted, model, to_save),
         **_peft_patterns(config, adapted),
@@ -400,9 +402,10 @@ def _in_params(var_path: str) -> bool:
 
 
 def _adapter_tensors(
-    plan: Plan, model: _Model, names: NameMap, problems: list[str]
+    plan: Plan, model: _Model, names: NameMap, problems: list[str], config_variant: str = "lora"
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """(PEFT's tensors of the adapters, adapted HF module -> lora_jax module path)."""
+    """(PEFT's tensors of the adapters, adapted HF module -> lora_jax module path); a DoRA
+    adapter's magnitude is PEFT's ``lora_magnitude_vector`` (use_dora)."""
     tensors, adapted = {}, {}
     for (var_path, name), record in sorted(plan.adapters.items()):
         param = _paths.to_param(var_path)
@@ -411,8 +414,10 @@ def _adapter_tensors(
         why = None
         if name != _paths.DEFAULT:
             why = f"it is the named adapter '{name}': a PEFT file holds one unnamed adapter"
-        elif record.variant != "lora":
-            why = f"variant '{record.variant}' is not plain LoRA"
+        elif record.variant not in ("lora", "dora") or (record.variant == "dora") != (
+            config_variant == "dora"
+        ):
+            why = f"variant '{record.variant}' has no PEFT form in this file"
         elif leaf not in (_LINEAR, _EMBED):
             why = f"PEFT adapts linear layers and embeddings, not a '{leaf}' parameter"
         elif g.n_batch:
@@ -435,6 +440,9 @@ def _adapter_tensors(
         a, b = a.reshape(g.fan_in, g.rank), b.reshape(g.rank, g.fan_out)
         tensors[f"{PREFIX}{hf}.{_SUFFIXES[leaf, 'a']}"] = a.T
         tensors[f"{PREFIX}{hf}.{_SUFFIXES[leaf, 'b']}"] = b.T
+        if record.variant == "dora":  # one magnitude per output feature, PEFT's row norms
+            m = model.params[_paths.join(module, _paths.adapter_leaf(leaf, "m"))]
+            tensors[f"{PREFIX}{hf}.{_SUFFIXES[leaf, 'm']}"] = np.asarray(m).reshape(g.fan_out)
         if leaf == _EMBED and model.tied:  # PEFT's tied head adapter: B and A, as a linear
             tensors[f"{PREFIX}{OUTPUT_HEAD}.{_SUFFIXES[_LINEAR, 'a']}"] = b
             tensors[f"{PREFIX}{OUTPUT_HEAD}.{_SUFFIXES[_LINEAR, 'b']}"] = a
@@ -667,7 +675,16 @@ class _Found:
             alpha = _peft_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
             ranks[module] = (r, alpha)
             fan_in, fan_out = _fans(model.params[_paths.join(path, leaf)], leaf, pair.get("a"))
-            for x, want in (("a", (r, fan_in)), ("b", (fan_out, r))):
+            dora = bool(config.get("use_dora"))
+            if dora and leaf != _LINEAR:
+                problems.append(
+                    f"use_dora on '{module}', a {leaf}: lora_jax's DoRA adapts linear layers only."
+                )
+                continue
+            if not dora and "m" in pair:
+                problems.append(f"'{module}' has a magnitude vector but use_dora is false.")
+            wanted = (("a", (r, fan_in)), ("b", (fan_out, r)))
+            for x, want in (*wanted, ("m", (fan_out,))) if dora else wanted:
                 key = f"{PREFIX}{module}.{_SUFFIXES[leaf, x]}"
                 if x not in pair:
                     problems.append(f"tensor '{key}' is missing.")
@@ -778,12 +795,15 @@ class _Found:
             param = _paths.to_variables(_paths.join(module, leaf))
             value = model.params[_paths.to_param(param)]
             g = Geometry(tuple(value.shape), 0, _n_in(value, leaf, pair["a"]), ranks[hf][0])
-            for x, shape in (("a", g.a_shape), ("b", g.b_shape)):
+            shapes = [("a", g.a_shape), ("b", g.b_shape)]
+            if config.variant == "dora":
+                shapes.append(("m", g.out_shape))
+            for x, shape in shapes:
                 array = pair[x].T.reshape(shape)
                 values[_paths.leaf_path(param, x)] = jnp.asarray(
                     array if len(dtypes) == 1 else array.astype(dtype)
                 )
-            records[param, _paths.DEFAULT] = Adapter(g, config.scale_for(module), "lora")
+            records[param, _paths.DEFAULT] = Adapter(g, config.scale_for(module), config.variant)
         for param, tensor in self.saved.items():
             base = model.params[param]
             array = tensor.T if _paths.basename(param) == _LINEAR else tensor
@@ -848,6 +868,7 @@ def _lora_config(
         init="gaussian" if peft_config.get("init_lora_weights") == "gaussian" else "kaiming",
         param_dtype=dtypes.pop() if len(dtypes) == 1 else np.float32,
         bias=peft_config.get("bias", "none"),
+        variant="dora" if peft_config.get("use_dora") else "lora",
     )
     biases = LoraConfig(targets=chosen, bias=fields["bias"])
     fields["trainable"] = tuple(
