@@ -218,7 +218,7 @@ class LoraConfig:
       quantize: a `QuantConfig` to keep the frozen base kernels in 4 bits (QLoRA), or None.
       variant: "lora" (plain LoRA) or "dora" (DoRA, weight-decomposed LoRA: a trainable
         magnitude per output feature rescales the adapted kernel's columns; linear layers
-        only, without `quantize`). See `lora_jax.adapters.dora`.
+        only; on a 4-bit base too, QDoRA). See `lora_jax.adapters.dora`.
     """
 
     rank: int = 8

@@ -229,6 +229,23 @@ def test_bad_inputs_are_named():
     config = lj.LoraConfig(rank=2, targets=("tok", "q"), variant="dora")
     with pytest.raises(ValueError, match=r"'tok' \(Embed\).*linear layers only"):
         lj.plan(lj.LoRA(_Embedded(), config), jax.random.key(0), ids)
-    config = lj.LoraConfig(rank=2, targets=("q",), variant="dora", quantize=QC())
-    with pytest.raises(ValueError, match=r"'q' \(Dense\).*QDoRA"):
-        lj.plan(lj.LoRA(_Embedded(), config), jax.random.key(0), ids)
+
+
+def test_qdora_on_a_4bit_base():
+    """QDoRA: m starts at the dequantized kernel's column norms (identity at init), the
+    forward matches the merge of the dequantized kernel, and requantizing keeps the report."""
+    ids = jax.random.randint(jax.random.key(3), (2, 3), 0, 10)
+    model = _Embedded()
+    base = model.init(jax.random.key(0), ids)
+    config = lj.LoraConfig(rank=2, targets=("q",), variant="dora", quantize=QC(block_size=2))
+    lora_model = lj.LoRA(model, config)
+    params = lj.init(lora_model, jax.random.key(1), ids, base_params=base)
+    deq = lj.dequantize(params["params"]["q"]["kernel"])
+    plain = {"params": {"tok": base["params"]["tok"], "q": {**base["params"]["q"], "kernel": deq}}}
+    assert_close(lora_model.apply(params, ids), model.apply(plain, ids), jnp.float32)
+    params = randomize_adapters(params, jax.random.key(2), 0.3)
+    params["params"]["q"]["kernel_lora_m"] = params["params"]["q"]["kernel_lora_m"] * 1.3
+    merged = lj.merge(params)
+    assert_close(lora_model.apply(params, ids), model.apply(merged, ids), jnp.float32)
+    _, report = lj.merge(params, requantize=True)
+    assert set(report.errors) == {"params/q/kernel"}

@@ -22,7 +22,8 @@ term; without dropout, or in eval mode, the two agree.)
 
 Multi-axis kernels (`nn.DenseGeneral`, `nn.Einsum`) keep their axes: m has the kernel's batch
 and output axes (batch..., out...), the shape of the layer's bias, and the norm runs over the
-contracted axes. Not supported yet: embeddings, convolutions and 4-bit kernels (QDoRA).
+contracted axes. On a 4-bit base (QDoRA) W is the dequantized kernel, in the init of m, the
+norm and the merge. Not supported yet: embeddings and convolutions.
 """
 
 from __future__ import annotations
@@ -138,9 +139,7 @@ class Dora:
                 "DoRA adapts linear layers only (nn.Dense, nn.DenseGeneral, nn.Einsum and "
                 "LinearRule layers); embeddings and convolutions are not supported yet"
             )
-        if quantized:
-            return "its kernel is 4-bit (LoraConfig.quantize), and QDoRA is not supported yet"
-        return None
+        return None  # a 4-bit kernel (QDoRA) reaches `init` and `output` dequantized
 
 
 DORA = Dora()

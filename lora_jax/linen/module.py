@@ -33,7 +33,7 @@ from lora_jax.adapters.geometry import Geometry, Split
 from lora_jax.adapters.records import Adapter, Quantized, Trainable
 from lora_jax.adapters.variant import variant_for
 from lora_jax.config import LoraConfig, QuantConfig, matches_pattern
-from lora_jax.quant.formats import QuantizedTensor
+from lora_jax.quant.formats import QuantizedTensor, dequantize
 from lora_jax.rules import LinearRule, Rule, rule_for
 
 Array = jax.Array
@@ -427,9 +427,13 @@ def _adapter_output(
     x = call.args[0] if call.args else None
     dtype = x.dtype if x is not None and jnp.issubdtype(x.dtype, jnp.floating) else out.dtype
     dropout = _dropout(cfg, module)
-    return variant.output(
-        rule, call, leaves, record.scale, dropout, dtype, out, _trees.unbox(kernel)
-    )
+    return variant.output(rule, call, leaves, record.scale, dropout, dtype, out, _dense(kernel))
+
+
+def _dense(kernel: Any) -> Array:
+    """The layer's kernel as a dense array (a 4-bit one dequantized to its compute dtype)."""
+    value = _trees.unbox(kernel)
+    return dequantize(value) if isinstance(value, QuantizedTensor) else value
 
 
 def _leaves(
@@ -549,9 +553,7 @@ def _leaf(
     axes = _trees.box_names(kernel)
 
     def init(key: Array) -> Any:
-        value = variant.init(
-            leaf, key, geometry, rule, cfg.init, cfg.param_dtype, _trees.unbox(kernel)
-        )
+        value = variant.init(leaf, key, geometry, rule, cfg.init, cfg.param_dtype, _dense(kernel))
         if axes is None:
             return value
         return kernel.replace(value=value, names=variant.axes(geometry, axes)[leaf])

@@ -143,8 +143,9 @@ def _merged(
     if not isinstance(w, QuantizedTensor):
         return _trees.rebox(boxed, _fold(w, leaves, records)), None
     f32 = jnp.float32
-    delta = _delta(leaves, records)
-    merged = dequantize(w, f32) + delta
+    dense = dequantize(w, f32)
+    merged = _chain(dense, leaves, records)  # QDoRA rescales; plain LoRA adds
+    delta = merged - dense
     if not requantize:
         return _trees.rebox(boxed, merged.astype(w.dtype)), None
     again = requantize_like(merged, w, path=_paths.to_param(path))
@@ -170,10 +171,15 @@ def _fold(w: Array, leaves: list[dict], records: tuple[Adapter, ...]) -> Array:
     """The merged parameter (``W + ΔW`` for plain LoRA; each variant's `merged_weight`, one
     adapter after another) in float32, cast back to W's dtype: one compiled call per kernel
     shape and record (eagerly, the ops would each dispatch on their own)."""
-    merged = w.astype(jnp.float32)
+    return _chain(w.astype(jnp.float32), leaves, records).astype(w.dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _chain(merged: Array, leaves: list[dict], records: tuple[Adapter, ...]) -> Array:
+    """Each adapter's `merged_weight`, one after another, on the float32 `merged`."""
     for r, leaf in zip(records, leaves, strict=True):
         merged = variant_for(r.variant).merged_weight(r.geometry, merged, leaf, r.scale)
-    return merged.astype(w.dtype)
+    return merged
 
 
 @struct.dataclass
