@@ -217,8 +217,8 @@ class LoraConfig:
         modules_to_save), matched like `rank_pattern` keys against parameter paths.
       quantize: a `QuantConfig` to keep the frozen base kernels in 4 bits (QLoRA), or None.
       variant: "lora" (plain LoRA) or "dora" (DoRA, weight-decomposed LoRA: a trainable
-        magnitude per output feature rescales the adapted kernel's columns; linear layers
-        only; on a 4-bit base too, QDoRA). See `lora_jax.adapters.dora`.
+        magnitude per output feature rescales the adapted kernel's columns; linear layers,
+        embeddings and convolutions; on a 4-bit base too, QDoRA). See `lora_jax.adapters.dora`.
     """
 
     rank: int = 8

@@ -225,10 +225,24 @@ class _Embedded(nn.Module):
 def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match=r"LoraConfig.variant must be one of .*'vera'"):
         lj.LoraConfig(variant="vera")
-    ids = jnp.zeros((1, 3), jnp.int32)
-    config = lj.LoraConfig(rank=2, targets=("tok", "q"), variant="dora")
-    with pytest.raises(ValueError, match=r"'tok' \(Embed\).*linear layers only"):
-        lj.plan(lj.LoRA(_Embedded(), config), jax.random.key(0), ids)
+
+
+@pytest.mark.parametrize("kind", ["embed", "conv"])
+def test_dora_on_embeddings_and_convolutions(kind):
+    """Identity at init; with A, B and m moved, the adapted model equals the merged one (the
+    embedding's `attend` too: the Holder calls it on the lookup's output)."""
+    from test_rules import Holder, _case
+
+    layer, x, _, _ = _case(kind, (2, 5, 4, 3, 2), jnp.float32)
+    model = Holder(layer)
+    base = model.init(jax.random.key(1), x)
+    lora_model = lj.LoRA(model, lj.LoraConfig(rank=2, targets=("layer",), variant="dora"))
+    params = lj.init(lora_model, jax.random.key(2), x, base_params=base)
+    assert_close(lora_model.apply(params, x), model.apply(base, x), jnp.float32)
+    params = randomize_adapters(params, jax.random.key(3), 0.3)
+    leaf = next(k for k in params["params"]["layer"] if k.endswith("_lora_m"))
+    params["params"]["layer"][leaf] = params["params"]["layer"][leaf] * 1.2
+    assert_close(lora_model.apply(params, x), model.apply(lj.merge(params), x), jnp.float32)
 
 
 def test_qdora_on_a_4bit_base():

@@ -566,7 +566,11 @@ def test_dora_files_go_both_ways_with_peft(bases, tmp_path):
     magnitude as PEFT's lora_magnitude_vector) for PEFT to load with the same logits."""
     torch.manual_seed(5)
     config = peft.LoraConfig(
-        task_type="CAUSAL_LM", r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], use_dora=True
+        task_type="CAUSAL_LM",
+        r=2,
+        lora_alpha=4,
+        target_modules=["q_proj", "v_proj", "embed_tokens"],
+        use_dora=True,
     )
     peft_model = peft.get_peft_model(fresh(bases, "untied"), config).eval()
     with torch.no_grad():

@@ -23,7 +23,10 @@ term; without dropout, or in eval mode, the two agree.)
 Multi-axis kernels (`nn.DenseGeneral`, `nn.Einsum`) keep their axes: m has the kernel's batch
 and output axes (batch..., out...), the shape of the layer's bias, and the norm runs over the
 contracted axes. On a 4-bit base (QDoRA) W is the dequantized kernel, in the init of m, the
-norm and the merge. Not supported yet: embeddings and convolutions.
+norm and the merge. Embeddings (as PEFT: one magnitude per embedding feature, the norm over the
+vocabulary) and convolutions (one per output channel, the norm over window and input
+channels) follow the same formulas; an embedding's `attend` (a tied output head) computes
+``(q ⊙ m/‖V‖) @ Vᵀ``, what the merged embedding gives.
 """
 
 from __future__ import annotations
@@ -110,6 +113,14 @@ class Dora:
         merged = kernel.astype(jnp.float32) + geometry.delta(leaves["a"], leaves["b"], scale)
         norm = jax.lax.stop_gradient(column_norm(geometry, merged))  # DoRA §4.3
         ratio = leaves["m"].astype(jnp.float32) / norm  # (batch..., out...)
+        if getattr(rule, "scales_input", lambda _: False)(call.method):
+            # An embedding's `attend` (q @ Eᵀ): the merged E' = V ⊙ ratio gives
+            # (q ⊙ ratio) @ Vᵀ = (q ⊙ ratio) @ Eᵀ + LoRA's path on q ⊙ ratio.
+            q = args[0].astype(dtype)
+            q = q * ratio.astype(dtype).reshape((1,) * (q.ndim - 1) + ratio.shape)
+            scaled = type(call)(module, call.method, (q, *args[1:]), kwargs)
+            lora = self.forward(rule, scaled, leaves, scale, dropout, dtype)
+            return (jnp.dot(q, kernel.astype(dtype).T) + lora).astype(base.dtype)
         lay = lambda v: rule.per_output(module, args, kwargs, v)
         bias = rule.bias(module, args, kwargs)
         plain = base if bias is None else base - bias.astype(base.dtype)  # x @ W
@@ -134,10 +145,10 @@ class Dora:
         return merged * (m / norm)
 
     def refuses(self, rule: Any, quantized: bool) -> str | None:
-        if not hasattr(rule, "per_output"):
+        if not (hasattr(rule, "per_output") and hasattr(rule, "bias")):
             return (
-                "DoRA adapts linear layers only (nn.Dense, nn.DenseGeneral, nn.Einsum and "
-                "LinearRule layers); embeddings and convolutions are not supported yet"
+                "DoRA needs the layer's rule to lay out a per-output-feature vector "
+                "(Rule.per_output and Rule.bias), which this layer kind's rule does not"
             )
         return None  # a 4-bit kernel (QDoRA) reaches `init` and `output` dequantized
 

@@ -41,8 +41,8 @@ own names) is `LoraConfig.bias`; ``use_dora`` (a ``lora_magnitude_vector`` per l
 `LoraConfig(variant="dora")`. A PiSSA / OLoRA adapter goes to PEFT as a rank-2r LoRA over
 the original base (`lora_jax.to_original_base`), as PEFT's own conversion writes it.
 
-Not supported (each an error naming the field): peft_type other than "LORA", DoRA on
-embeddings, layers_to_transform / layers_pattern, fan_in_fan_out, lora_bias, init_lora_weights that
+Not supported (each an error naming the field): peft_type other than "LORA", DoRA on a
+tied embedding, layers_to_transform / layers_pattern, fan_in_fan_out, lora_bias, init_lora_weights that
 change the base weights (a file that needs the changed base: PiSSA, OLoRA, CorDA, LoftQ,
 LoRA-GA),
 loftq_config, megatron_config, target_parameters, trainable_token_indices, layer_replication,
@@ -94,6 +94,7 @@ _SUFFIXES = {  # PEFT's tensor names of an adapter, by the lora_jax parameter an
     (_EMBED, "a"): "lora_embedding_A",
     (_EMBED, "b"): "lora_embedding_B",
     (_LINEAR, "m"): "lora_magnitude_vector",  # DoRA's magnitude (use_dora)
+    (_EMBED, "m"): "lora_magnitude_vector",
 }
 # PEFT 0.21's `LoraConfig().to_dict()` (peft_version left for PEFT to fill in: PEFT did not
 # write the file); `save_peft` writes every field, its own values over these.
@@ -440,6 +441,12 @@ def _adapter_tensors(
         a, b = a.reshape(g.fan_in, g.rank), b.reshape(g.rank, g.fan_out)
         tensors[f"{PREFIX}{hf}.{_SUFFIXES[leaf, 'a']}"] = a.T
         tensors[f"{PREFIX}{hf}.{_SUFFIXES[leaf, 'b']}"] = b.T
+        if record.variant == "dora" and leaf == _EMBED and model.tied:
+            problems.append(
+                f"the DoRA adapter of '{param}' is on a tied embedding, which PEFT's DoRA "
+                "adapts as the input embedding alone."
+            )
+            continue
         if record.variant == "dora":  # one magnitude per output feature, PEFT's row norms
             m = model.params[_paths.join(module, _paths.adapter_leaf(leaf, "m"))]
             tensors[f"{PREFIX}{hf}.{_SUFFIXES[leaf, 'm']}"] = np.asarray(m).reshape(g.fan_out)
@@ -676,9 +683,10 @@ class _Found:
             ranks[module] = (r, alpha)
             fan_in, fan_out = _fans(model.params[_paths.join(path, leaf)], leaf, pair.get("a"))
             dora = bool(config.get("use_dora"))
-            if dora and leaf != _LINEAR:
+            if dora and model.tied and leaf == _EMBED:
                 problems.append(
-                    f"use_dora on '{module}', a {leaf}: lora_jax's DoRA adapts linear layers only."
+                    f"use_dora on the tied embedding '{module}': PEFT's DoRA adapts the input "
+                    "embedding alone, lora_jax's the tied output head too."
                 )
                 continue
             if not dora and "m" in pair:

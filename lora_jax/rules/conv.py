@@ -42,3 +42,13 @@ class ConvRule(Rule):
         )
         h = down.apply({"params": {"kernel": a}}, dropout(args[0].astype(a.dtype)))
         return h @ b
+
+    def per_output(self, module: nn.Module, args: tuple, kwargs: dict, values: Array) -> Array:
+        """`values` per output channel, (features,), against the output (channels last)."""
+        return values.reshape((1,) * (jax.numpy.ndim(args[0]) - 1) + values.shape)
+
+    def bias(self, module: nn.Module, args: tuple, kwargs: dict) -> Array | None:
+        """The conv's bias (features,), or None."""
+        if not module.use_bias or not module.has_variable("params", "bias"):
+            return None
+        return self.per_output(module, args, kwargs, module.get_variable("params", "bias"))

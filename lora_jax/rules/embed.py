@@ -48,3 +48,18 @@ class EmbedRule(Rule):
         if which == "a":
             return jnp.zeros(shape, dtype)
         return jax.random.normal(key, shape, dtype)
+
+    def per_output(self, module: nn.Module, args: tuple, kwargs: dict, values: Array) -> Array:
+        """`values` per embedding feature, (features,): the lookup's last axis. (`attend`'s
+        output is over the vocabulary: a per-feature factor there scales its query instead,
+        see `scales_input`.)"""
+        ndim = jnp.ndim(args[0]) + 1  # the lookup adds the feature axis
+        return values.reshape((1,) * (ndim - 1) + values.shape)
+
+    def bias(self, module: nn.Module, args: tuple, kwargs: dict) -> Array | None:
+        return None
+
+    def scales_input(self, method: str) -> bool:
+        """Whether the kernel's output axis is the method's input (`attend`: q @ Eᵀ), so a
+        per-output factor scales the input rather than the output."""
+        return method == "attend"
