@@ -109,11 +109,25 @@ def llama_3b(**overrides: Any) -> LlamaConfig:
     )
 
 
+def _wide(hidden: int) -> LlamaConfig:
+    """`LlamaConfig.small` (4 layers, float32) at another width: mlp 2.75x, heads of 64."""
+    heads = hidden // 64
+    return LlamaConfig.small(
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4,
+        num_heads=heads,
+        num_kv_heads=heads // 2,
+    )
+
+
 SIZES: dict[str, Callable[[], Size]] = {
     # CI smoke test: the library's `tiny` unit-test model, seconds in all.
     "test": lambda: Size("test", LlamaConfig.tiny(num_layers=1), batch=2, seq=32, rank=4),
     # The CPU configuration: the example's `small` model in float32.
     "tiny": lambda: Size("tiny", LlamaConfig.small(), batch=4, seq=128, rank=16),
+    # Issue targets on CPU: the same shape at hidden 512 and 1024 (heads of 64).
+    "h512": lambda: Size("h512", _wide(512), batch=4, seq=128, rank=16),
+    "h1024": lambda: Size("h1024", _wide(1024), batch=4, seq=128, rank=16),
     "1b": lambda: Size("1b", LlamaConfig.llama_1b(), batch=4, seq=2048),
     "3b": lambda: Size("3b", llama_3b(), batch=2, seq=2048),
     "8b": lambda: Size("8b", LlamaConfig.llama3_8b(), batch=1, seq=4096, chunked_loss=1024),

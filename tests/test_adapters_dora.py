@@ -263,3 +263,34 @@ def test_qdora_on_a_4bit_base():
     assert_close(lora_model.apply(params, ids), model.apply(merged, ids), jnp.float32)
     _, report = lj.merge(params, requantize=True)
     assert set(report.errors) == {"params/q/kernel"}
+
+
+class _Plain(nn.Module):
+    """A custom layer whose rule lays out no per-output vector (no per_output / bias)."""
+
+    @nn.compact
+    def __call__(self, x):
+        return x @ self.param("w", nn.initializers.ones, (x.shape[-1], 3))
+
+
+class _PlainRule(lj.rules.Rule):
+    param = "w"
+
+    def split(self, module, shape, args, kwargs):
+        return lj.rules.Split(0, 1)
+
+    def delta(self, module, method, args, kwargs, a, b, dropout):
+        return dropout(args[0].astype(a.dtype)) @ a @ b
+
+
+def test_dora_on_a_rule_without_a_definition_is_refused_by_name():
+    lj.rules.register_rule(_Plain, _PlainRule())
+    config = lj.LoraConfig(rank=2, targets=("p",), variant="dora")
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return _Plain(name="p")(x)
+
+    with pytest.raises(ValueError, match=r"targets 'p' \(_Plain\), which it cannot adapt: DoRA"):
+        lj.plan(lj.LoRA(Net(), config), jax.random.key(0), jnp.ones((1, 4)))

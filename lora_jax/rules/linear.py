@@ -66,15 +66,31 @@ class LinearRule(Rule):
         dropout: Callable[[Array], Array],
     ) -> Array:
         x = args[0]
-        x_spec, p_spec, y_spec = self.spec(module, x, kwargs)
-        split = self.split(module, (0,) * len(p_spec), args, kwargs)
+        split = self.split(module, (0,) * len(self.spec(module, x, kwargs)[1]), args, kwargs)
+        x_spec, p_spec, y_spec = _expand(self.spec(module, x, kwargs), x.ndim)
+        # Leading token axes (batch, sequence) shared by input and output, not by the
+        # parameter, merge into one: contracted over two axes, XLA on CPU transposes the
+        # activation-sized gradient for B's gradient (measured: 39 vs 17 ms for gate/up
+        # adapters of a 512 x 1408 MLP, 4 x 128 tokens); over one axis it does not.
+        lead = 0
+        while (
+            lead < min(len(x_spec), len(y_spec))
+            and x_spec[lead] == y_spec[lead]
+            and x_spec[lead] not in p_spec
+        ):
+            lead += 1
+        tokens = x.shape[:lead]
+        if lead > 1:
+            x = x.reshape((-1, *x.shape[lead:]))
+            x_spec, y_spec = x_spec[lead - 1 :], y_spec[lead - 1 :]
         cut = split.n_batch + split.n_in
         r = next(c for c in string.ascii_letters if c not in x_spec + p_spec + y_spec)
         a_spec = p_spec[:cut] + r
         b_spec = p_spec[: split.n_batch] + r + p_spec[cut:]
         h_spec = "".join(c for c in y_spec if c not in p_spec[cut:]) + r
         h = jnp.einsum(f"{x_spec},{a_spec}->{h_spec}", dropout(x.astype(a.dtype)), a)
-        return jnp.einsum(f"{h_spec},{b_spec}->{y_spec}", h, b)
+        y = jnp.einsum(f"{h_spec},{b_spec}->{y_spec}", h, b)
+        return y.reshape((*tokens, *y.shape[1:])) if lead > 1 else y
 
     def per_output(self, module: nn.Module, args: tuple, kwargs: dict, values: Array) -> Array:
         """`values` over the parameter's batch and output axes, (batch..., out...) — the
