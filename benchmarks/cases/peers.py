@@ -238,8 +238,11 @@ def nnx_rows(ctx: c.Context) -> dict:
 # --------------------------------------------------------------------------- PEFT
 
 
-def peft_row(ctx: c.Context, lora_ms: float | None, targets=c.ALL_LINEAR) -> dict:
-    """PEFT's step time on the same config, in a child process (its own GPU memory pool)."""
+def peft_row(
+    ctx: c.Context, lora_ms: float | None, targets=c.ALL_LINEAR, *, compile: bool = False
+) -> dict:
+    """PEFT's step time on the same config, in a child process (its own GPU memory pool);
+    with `compile`, PEFT under `torch.compile`."""
     sz = ctx.size
     m = sz.model
     spec = {
@@ -261,6 +264,7 @@ def peft_row(ctx: c.Context, lora_ms: float | None, targets=c.ALL_LINEAR) -> dic
         "targets": list(targets),
         "runs": max(ctx.runs, c.MIN_RUNS),
         "chunked_loss": sz.chunked_loss,
+        "compile": compile,
     }
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "peft.json")
