@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole benchmark suite on a GPU machine, in one command:
 #
-#   bash benchmarks/gpu.sh                 # every stage below, one after the other
+#   bash benchmarks/gpu.sh                 # the default stages below, one after the other
 #   bash benchmarks/gpu.sh 1b:finetune mfu # only these stages
 #   bash benchmarks/gpu.sh qmatmul@90 mfu@240   # each stage stopped after so many seconds
 #
@@ -9,6 +9,11 @@
 #   qmatmul (benchmarks/qmatmul.py: the 4-bit matmul, M in {1,16,128,4096}, K=N=4096, each
 #           path checked against a float32 reference first)
 #   1b:finetune  1b:peers,quantized,merge  3b:finetune  3b:peers,quantized,merge  mfu
+#   multi    (benchmarks/multi_adapter.py: 16/64 adapters per batch vs one, hidden 2048)
+#   variants (benchmarks/variants.py: DoRA and PiSSA steps vs LoRA, size 1b)
+# The default list fits one lent machine's 15 minutes (start-up about 2 min included): each
+# stage is stopped at its limit, so the whole run takes at most 780 s after start-up:
+#   qmatmul@60 1b:finetune,quantized@240 mfu@300 multi@60 variants@120
 # `SIZE:CASES` runs `python -m benchmarks.run --size SIZE --cases CASES`; `mfu` runs the MFU
 # case on Llama-3-8B shapes at 4096 tokens (and PEFT at the same config). Every stage adds its
 # results to runs/benchmarks/<machine>.json and .md (earlier stages' results are kept) and
@@ -41,7 +46,7 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
 stages=("$@")
 if [ ${#stages[@]} -eq 0 ]; then
-  stages=(qmatmul 1b:finetune 1b:peers,quantized,merge 3b:finetune 3b:peers,quantized,merge mfu)
+  stages=(qmatmul@60 1b:finetune,quantized@240 mfu@300 multi@60 variants@120)
 fi
 "$PY" -c "import jax; print('JAX', jax.__version__, jax.devices())" || exit 1
 "$PY" - <<'VERSIONS'
@@ -68,6 +73,14 @@ for stage in "${stages[@]}"; do
   if [ "$stage" = qmatmul ]; then  # the 4-bit matmul alone: Pallas kernel vs XLA vs bf16
     "${run[@]}" "$PY" -m benchmarks.qmatmul --json "$DIR/gpu-qmatmul.json" || status=1
     [ -n "${OUT:-}" ] && cp "$DIR/gpu-qmatmul.json" "$OUT/" 2>/dev/null
+    continue
+  elif [ "$stage" = multi ] || [ "$stage" = variants ]; then  # standalone scripts
+    if [ "$stage" = multi ]; then
+      "${run[@]}" "$PY" -m benchmarks.multi_adapter --hidden 2048 --seq 128 --out "$DIR" || status=1
+    else
+      "${run[@]}" "$PY" -m benchmarks.variants --size 1b --runs 10 --out "$DIR" || status=1
+    fi
+    [ -n "${OUT:-}" ] && cp "$DIR"/multi_adapter-*.json "$DIR"/variants-*.json "$OUT/" 2>/dev/null
     continue
   elif [ "$stage" = mfu ]; then
     args=(--cases mfu --mfu-size 8b)
