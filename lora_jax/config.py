@@ -25,6 +25,8 @@ QUANT_FORMATS = ("nf4", "fp4", "int4")
 QUANT_KERNELS = ("auto", "xla", "pallas")
 VARIANTS = ("lora", "dora")
 BIASES = ("none", "all", "lora_only")  # PEFT's `bias`
+# Layers that read the same input in the Llama family (Hugging Face's names).
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 Pattern = tuple[tuple[str, Any], ...]
 
@@ -207,6 +209,12 @@ class LoraConfig:
         triplets; "pissa_niter_<n>": randomized SVD with n power iterations), "olora" (QR),
         "loftq" (4-bit bases: alternating quantization and SVD, `loftq_iter` rounds).
       loftq_iter: LoftQ's alternating rounds (init="loftq").
+      siblings: groups of layer names that read the same input, e.g. attention's q/k/v: the
+        adapters of the members of a group under one parent module run their first product
+        as one (``x @ [A_q A_k A_v]``), forward and backward; each finishes with its own B.
+        Applies to plain LoRA on 2-D kernels without dropout; a member called with another
+        input computes its own product, so a wrong group costs time, never correctness.
+        () turns it off. The default names the Llama family's q/k/v and gate/up.
       bias: which biases train in full beside the adapters, as PEFT's `bias`: "none", "all"
         (every parameter named "bias" in the model) or "lora_only" (the biases of the
         adapted layers). They are trainable extras like `trainable`'s: saved in the adapter
@@ -236,6 +244,7 @@ class LoraConfig:
     variant: str = "lora"
     loftq_iter: int = 1
     bias: str = "none"
+    siblings: tuple[tuple[str, ...], ...] = SIBLINGS
 
     def __post_init__(self) -> None:
         _check_rank("rank", self.rank)
@@ -273,6 +282,23 @@ class LoraConfig:
             )
         if self.variant not in VARIANTS:
             raise ValueError(f"LoraConfig.variant must be one of {VARIANTS}, got {self.variant!r}.")
+        groups = self.siblings
+        if (
+            isinstance(groups, str)
+            or not isinstance(groups, Sequence)
+            or not all(
+                not isinstance(g, str)
+                and isinstance(g, Sequence)
+                and len(g) >= 2
+                and all(isinstance(n, str) and n for n in g)
+                for g in groups
+            )
+        ):
+            raise ValueError(
+                "LoraConfig.siblings must be a sequence of groups of two or more layer names, "
+                f"e.g. (('q_proj', 'k_proj', 'v_proj'),), got {groups!r}."
+            )
+        set_("siblings", tuple(tuple(g) for g in groups))
         if self.bias not in BIASES:
             raise ValueError(f"LoraConfig.bias must be one of {BIASES}, got {self.bias!r}.")
         base_init = self.base_init
@@ -326,6 +352,10 @@ class LoraConfig:
         """alpha / rank, or alpha / sqrt(rank) with `use_rslora`, for the module at `path`."""
         rank = self.rank_for(path)
         return float(self.alpha_for(path)) / (math.sqrt(rank) if self.use_rslora else rank)
+
+    def sibling_group(self, name: str) -> tuple[str, ...] | None:
+        """The `siblings` group that a layer's last path component belongs to, or None."""
+        return next((g for g in self.siblings if name in g), None)
 
     def is_trainable_extra(self, param_path: str, adapted: bool | None = None) -> bool:
         """Whether a base parameter path is one of the `trainable` extras, or a bias that

@@ -49,6 +49,7 @@ class _Trace:
     quantized: set[str] = dataclasses.field(default_factory=set)
     busy: bool = False  # inside a rule's own computation: do not intercept its module calls
     ids: Array | None = None  # per-example adapter ids (index into LoRA.active; -1: none)
+    fused: dict = dataclasses.field(default_factory=dict)  # sibling products by parent/group
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,6 +248,11 @@ def _intercept(
             return _per_example_output(wrapper, rule, found, call, out, trace.ids)
         if len(found) > 1 and not (planning or module.is_mutable_collection("params")):
             _check_additive(found, path, "several adapters are active on it")
+        if len(found) == 1 and not planning:
+            name, cfg, record = found[0]
+            fused = _sibling_output(trace, cfg, name, rule, record, call, out)
+            if fused is not None:
+                return fused
         for name, cfg, record in found:
             out = _adapter_output(cfg, name, rule, record, call, out)
         return out
@@ -428,6 +434,87 @@ def _adapter_output(
     dtype = x.dtype if x is not None and jnp.issubdtype(x.dtype, jnp.floating) else out.dtype
     dropout = _dropout(cfg, module)
     return variant.output(rule, call, leaves, record.scale, dropout, dtype, out, _dense(kernel))
+
+
+def _sibling_output(
+    trace: _Trace, cfg: LoraConfig, name: str, rule: Rule, record: Adapter, call: _Call, out: Array
+) -> Array | None:
+    """The output with the adapter, its first product shared with its siblings
+    (`LoraConfig.siblings`): the first member of a group called with an input runs
+    ``x @ [A_1 ... A_n]`` for every member present, and each member called with that same
+    input takes its slice. None when the layer does not qualify (the caller computes alone).
+    """
+    module, method = call.module, call.method
+    path = _paths.module_path(module)
+    parent_path, own = _paths.split(path)
+    group = cfg.sibling_group(own)
+    if (
+        group is None
+        or not isinstance(rule, LinearRule)
+        or record.variant != "lora"
+        or len(record.geometry.shape) != 2
+        or method != "__call__"
+        or not call.args
+        or module.is_mutable_collection("params")
+        or (cfg.dropout > 0 and module.scope.has_rng("dropout"))
+        or module.parent is None
+    ):
+        return None
+    x = call.args[0]
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return None
+    key = (parent_path, group, name)
+    cached = trace.fused.get(key)
+    if cached is None or cached[0] is not x or own not in cached[2]:
+        cached = _sibling_product(module, cfg, name, rule, record, call, group, x)
+        if cached is None:
+            return None
+        trace.fused[key] = cached
+    _, (h, plan), offsets = cached
+    start, stop = offsets[own]
+    kernel = module.get_variable("params", rule.param)
+    leaves = _leaves(cfg, name, rule, record, module, kernel)  # checks this layer's leaves
+    b = (leaves["b"].astype(jnp.float32) * record.scale).astype(x.dtype)
+    return out + rule.up(plan, h[..., start:stop], b).astype(out.dtype)
+
+
+def _sibling_product(
+    module: nn.Module,
+    cfg: LoraConfig,
+    name: str,
+    rule: LinearRule,
+    record: Adapter,
+    call: _Call,
+    group: tuple[str, ...],
+    x: Array,
+) -> tuple | None:
+    """(x, (h of every member, the up-plan), member -> rank slice) for the group's members
+    present beside `module` with plain-LoRA adapters of `name` on the same input shape; None
+    when this layer has no sibling to share with."""
+    siblings = module.parent.variables
+    params, records = siblings.get("params", {}), siblings.get(_paths.LORA, {})
+    own = _paths.split(_paths.module_path(module))[1]
+    leaf, rec = _paths.adapter_leaf(rule.param, "a", name), _paths.record_leaf(rule.param, name)
+    own_a = _trees.unbox(module.get_variable("params", leaf))
+    members, factors = [], []
+    for member in group:
+        sib = records.get(member, {}).get(rec) if isinstance(records.get(member), Mapping) else None
+        a = params.get(member, {}).get(leaf) if isinstance(params.get(member), Mapping) else None
+        a = own_a if member == own else _trees.unbox(a) if a is not None else None
+        ok = member == own or (
+            isinstance(sib, Adapter) and sib.variant == "lora" and len(sib.geometry.shape) == 2
+        )
+        if ok and a is not None and a.shape[:-1] == own_a.shape[:-1] and a.ndim == 2:
+            members.append(member)
+            factors.append(a.astype(x.dtype))
+    if len(members) < 2:
+        return None
+    offsets, start = {}, 0
+    for member, a in zip(members, factors, strict=True):
+        offsets[member] = (start, start + a.shape[-1])
+        start += a.shape[-1]
+    h, plan = rule.down(module, call.args, call.kwargs, jnp.concatenate(factors, -1), lambda v: v)
+    return x, (h, plan), offsets
 
 
 def _dense(kernel: Any) -> Array:

@@ -28,6 +28,17 @@ EinsumSpec = tuple[str, str, str]  # (input, parameter, output) subscripts
 
 
 @dataclasses.dataclass(frozen=True)
+class _Up:
+    """How `LinearRule.up` finishes a delta that `down` started: the einsum subscripts of h,
+    B and the output, and the token axes to restore (None: nothing was merged)."""
+
+    h_spec: str
+    b_spec: str
+    y_spec: str
+    tokens: tuple[int, ...] | None
+
+
+@dataclasses.dataclass(frozen=True)
 class LinearRule(Rule):
     """Any layer computing ``einsum(spec, x, param)``: Dense, DenseGeneral, Einsum, custom.
 
@@ -65,6 +76,21 @@ class LinearRule(Rule):
         b: Array,
         dropout: Callable[[Array], Array],
     ) -> Array:
+        h, plan = self.down(module, args, kwargs, a, dropout)
+        return self.up(plan, h, b)
+
+    def down(
+        self,
+        module: nn.Module,
+        args: tuple,
+        kwargs: dict,
+        a: Array,
+        dropout: Callable[[Array], Array],
+    ) -> tuple[Array, _Up]:
+        """The adapter's first product ``h = dropout(x) @ A`` (h's last axis is the rank),
+        and what `up` needs to finish the delta. Split from `delta` so that sibling layers
+        reading the same input can run one product with their A's concatenated along the
+        rank axis (`lora_jax.linen`'s fused siblings) and finish each with its own B."""
         x = args[0]
         split = self.split(module, (0,) * len(self.spec(module, x, kwargs)[1]), args, kwargs)
         x_spec, p_spec, y_spec = _expand(self.spec(module, x, kwargs), x.ndim)
@@ -89,8 +115,12 @@ class LinearRule(Rule):
         b_spec = p_spec[: split.n_batch] + r + p_spec[cut:]
         h_spec = "".join(c for c in y_spec if c not in p_spec[cut:]) + r
         h = jnp.einsum(f"{x_spec},{a_spec}->{h_spec}", dropout(x.astype(a.dtype)), a)
-        y = jnp.einsum(f"{h_spec},{b_spec}->{y_spec}", h, b)
-        return y.reshape((*tokens, *y.shape[1:])) if lead > 1 else y
+        return h, _Up(h_spec, b_spec, y_spec, tokens if lead > 1 else None)
+
+    def up(self, plan: _Up, h: Array, b: Array) -> Array:
+        """The adapter's second product ``h @ B``, in the method's output layout."""
+        y = jnp.einsum(f"{plan.h_spec},{plan.b_spec}->{plan.y_spec}", h, b)
+        return y if plan.tokens is None else y.reshape((*plan.tokens, *y.shape[1:]))
 
     def per_output(self, module: nn.Module, args: tuple, kwargs: dict, values: Array) -> Array:
         """`values` over the parameter's batch and output axes, (batch..., out...) — the
