@@ -78,7 +78,10 @@ def batches(tokens: np.ndarray, batch: int, seq: int, seed: int, start: int = 0)
 
 def eval_loss(apply: Any, params: Any, eval_set: list) -> float:
     loss = jax.jit(lambda p, b: causal_lm_loss(apply(p, b["inputs"]), b["targets"]))
-    return float(np.mean([loss(params, b) for b in eval_set]))
+    # Each loss made a Python float here, not inside NumPy's array conversion: a Ctrl-C that
+    # lands while a value is fetched then stays a KeyboardInterrupt (NumPy turns an exception
+    # raised inside its conversion into a ValueError).
+    return float(np.mean([float(loss(params, b)) for b in eval_set]))
 
 
 class Task:
