@@ -263,6 +263,16 @@ def test_qdora_on_a_4bit_base():
     assert_close(lora_model.apply(params, ids), model.apply(merged, ids), jnp.float32)
     _, report = lj.merge(params, requantize=True)
     assert set(report.errors) == {"params/q/kernel"}
+    # Without base_params too: m from the 4-bit kernel, so the model starts as the 4-bit base.
+    fresh = lj.init(lora_model, jax.random.key(1), ids)
+    deq = lj.dequantize(fresh["params"]["q"]["kernel"])
+    plain = {
+        "params": {
+            "tok": fresh["params"]["tok"],
+            "q": {"kernel": deq, "bias": fresh["params"]["q"]["bias"]},
+        }
+    }
+    assert_close(lora_model.apply(fresh, ids), model.apply(plain, ids), jnp.float32)
 
 
 class _Plain(nn.Module):

@@ -125,3 +125,41 @@ def test_conflicts_and_conversions_are_named():
             x,
             base_params=lj.merge(quantized, requantize=True)[0],
         )
+
+
+@pytest.mark.filterwarnings("ignore:LoraConfig. a rank above:UserWarning")
+def test_base_inits_name_what_they_cannot_do():
+    net, x = Holder(_dense(4)), jnp.ones((2, 16))
+    base = net.init(jax.random.key(0), x)
+    big = lj.LoraConfig(rank=8, targets=("layer",), init="olora")
+    with pytest.raises(
+        ValueError, match=r"'layer/kernel': rank 8 exceeds min\(fan_in, fan_out\) = 4"
+    ):
+        lj.init(lj.LoRA(net, big), jax.random.key(1), x, base_params=base)
+
+
+def test_loftq_needs_every_adapted_kernel_quantized():
+    from lora_jax.models import Llama, LlamaConfig
+
+    model, x = Llama(LlamaConfig.tiny(num_layers=1)), jnp.zeros((1, 8), jnp.int32)
+    qc = lj.QuantConfig(block_size=16, targets=("v_proj",))
+    cfg = lj.LoraConfig(rank=2, targets=("q_proj", "v_proj"), init="loftq", quantize=qc)
+    with pytest.raises(ValueError, match=r"q_proj/kernel': LoftQ fits an adapter to a 4-bit"):
+        lj.init(
+            lj.LoRA(model, cfg), jax.random.key(1), x, base_params=model.init(jax.random.key(0), x)
+        )
+
+
+def test_to_original_base_converts_the_named_adapter_only():
+    net, x = Holder(_dense(8)), jnp.ones((2, 16))
+    base = net.init(jax.random.key(0), x)
+    cfgs = {"a": lj.LoraConfig(rank=2, targets=("layer",), init="pissa"),
+            "z": lj.LoraConfig(rank=2, targets=("layer",))}  # fmt: skip
+    params = lj.init(lj.LoRA(net, cfgs), jax.random.key(1), x, base_params=base)
+    initial = jax.tree.map(jnp.copy, lj.partition(params)[0])
+    with pytest.raises(ValueError, match=r"holds adapters \['a', 'z'\]: pass name="):
+        lj.to_original_base(params, initial, cfgs["a"])
+    converted, _ = lj.to_original_base(params, initial, cfgs["a"], name="a")
+    here = converted["params"]["layer"]
+    np.testing.assert_allclose(here["kernel"], base["params"]["layer"]["kernel"], atol=1e-6)
+    assert here["kernel_lora_a@a"].shape == (16, 4) and here["kernel_lora_a@z"].shape == (16, 2)

@@ -81,7 +81,8 @@ def select(a: Array, b: Array, ids: Array, dtype: jnp.dtype) -> tuple[Array, Arr
     """
     n = a.shape[0]
     index = jnp.clip(ids, 0, n - 1)
-    gate = jnp.where(ids == NO_ADAPTER, 0.0, jnp.where(ids < n, 1.0, jnp.nan)).astype(dtype)
+    valid = (ids >= 0) & (ids < n)
+    gate = jnp.where(ids == NO_ADAPTER, 0.0, jnp.where(valid, 1.0, jnp.nan)).astype(dtype)
     a_i = a[index].astype(dtype)
     b_i = b[index].astype(dtype) * gate.reshape((-1,) + (1,) * (b.ndim - 1))
     return a_i, b_i

@@ -84,7 +84,8 @@ def save_adapter(
       >>> loaded_cfg == cfg
       True
     """
-    params = only_adapter(params, name, "save_adapter") if isinstance(params, Mapping) else params
+    if isinstance(params, Mapping):
+        params = only_adapter(params, name, "save_adapter", config if name else None)
     values, plan, trainable, frozen = _assembly.to_save(params, config)
     tensors = _trees.flat(trainable)
     flat_frozen = _trees.flat(frozen)

@@ -75,7 +75,7 @@ from lora_jax import _paths, _trees
 from lora_jax.adapters.geometry import Geometry
 from lora_jax.adapters.plan import Plan
 from lora_jax.adapters.records import Adapter
-from lora_jax.config import ALL_LINEAR, BIASES, LoraConfig, matches_names
+from lora_jax.config import ALL_LINEAR, BIASES, LoraConfig, matches_names, matches_pattern
 from lora_jax.io import _assembly
 from lora_jax.io.hf_names import LLAMA, NameMap
 from lora_jax.ops.named import base_of, join_adapter, only_adapter
@@ -335,7 +335,8 @@ def save_peft(
       >>> loaded_cfg.targets, loaded_cfg.scale_for("layers_0/self_attn/q_proj")
       (('q_proj', 'v_proj'), 2.0)
     """
-    params = only_adapter(params, name, "save_peft") if isinstance(params, Mapping) else params
+    if isinstance(params, Mapping):
+        params = only_adapter(params, name, "save_peft", config if name else None)
     values, plan, _, _ = _assembly.to_save(params, config)
     flat = _trees.flat(values)
     model = _Model.of({_paths.to_param(k): v for k, v in flat.items() if _in_params(k)}, names)
@@ -387,7 +388,7 @@ def _bias_tensors(
         param = _paths.to_param(var_path)
         if _paths.basename(param) != "bias" or config.bias == "none":
             continue
-        if any(re.fullmatch(f"(?:.*/)?(?:{t})", param) for t in config.trainable):
+        if any(matches_pattern(t, param) for t in config.trainable):
             continue  # a module to save holds it
         if param not in by_param:
             problems.append(f"the bias '{param}' has no Hugging Face name.")

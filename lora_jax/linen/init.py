@@ -104,11 +104,16 @@ def init(
     qcfg = lora_model.quantize
     if base_params is None:
         variables = lora_model.init(rngs, *args, **kwargs)
+        if qcfg is not None:  # adapters that read W (QDoRA's m, LoftQ) see the 4-bit one
+            base = {
+                k: v
+                for k, v in _trees.flat(variables).items()
+                if not k.startswith(_paths.LORA + "/") and not _paths.is_adapter_leaf(k)
+            }
+            return init(lora_model, rng, *args, base_params=_trees.unflat(base), **kwargs)
         the_plan = Plan.of(variables)
         _warn_rank(the_plan)
-        dense = _trees.flat(variables)
-        variables = _quantize_base(variables, the_plan, qcfg)
-        return _from_base(lora_model, the_plan, variables, dense, rngs["params"])
+        return _from_base(lora_model, the_plan, variables, _trees.flat(variables), rngs["params"])
     abstract = _abstract(lora_model, rngs, args, kwargs)
     the_plan = Plan.of(abstract)
     _warn_rank(the_plan)
@@ -118,9 +123,11 @@ def init(
     base = _quantize_base(base, the_plan, qcfg)
     base[_paths.LORA] = the_plan.records()
 
+    every = lora_model.clone(active=None)  # make every configured adapter, active or not
+
     @jax.jit
     def new_leaves(base: dict, rngs: dict, *args: Any) -> dict:
-        _, made = lora_model.apply(base, *args, rngs=rngs, mutable=[_paths.PARAMS], **kwargs)
+        _, made = every.apply(base, *args, rngs=rngs, mutable=[_paths.PARAMS], **kwargs)
         flat = _trees.flat(made)
         return {k: flat[k] for k in the_plan.adapter_leaves()}
 
@@ -155,6 +162,19 @@ def _from_base(lora_model: LoRA, the_plan: Plan, variables: dict, dense: dict, k
     flat = _trees.flat(variables)
     for param, name, record, cfg in todo:
         g = record.geometry
+        where = f"LoraConfig(init={cfg.init!r}) at '{_paths.to_param(param)}'"
+        if g.rank > min(g.fan_in, g.fan_out):
+            raise ValueError(
+                f"{where}: rank {g.rank} exceeds min(fan_in, fan_out) = {min(g.fan_in, g.fan_out)}"
+                ", the most singular vectors (or QR columns) the kernel has: lower "
+                "LoraConfig.rank or set rank_pattern for this module."
+            )
+        if cfg.base_init == "loftq" and param not in the_plan.quantized:
+            raise ValueError(
+                f"{where}: LoftQ fits an adapter to a 4-bit kernel, but QuantConfig.targets="
+                f"{cfg.quantize.targets!r} leaves this one dense: quantize every layer the "
+                "adapter targets, or use init='pissa' for the dense ones."
+            )
         w = _trees.unbox(dense[param])
         if isinstance(w, QuantizedTensor):
             raise ValueError(

@@ -122,10 +122,17 @@ def generate(
                 f"generate: adapter_ids need a lora_jax.LoRA model, got {type(model).__name__}."
             )
         adapter_ids = np.asarray(adapter_ids)
-        if adapter_ids.shape != (len(rows),):
+        n = len(model.active_names)
+        if adapter_ids.shape != (len(rows),) or not np.issubdtype(adapter_ids.dtype, np.integer):
             raise ValueError(
-                f"generate: adapter_ids has shape {adapter_ids.shape}; give one id per prompt "
-                f"({len(rows)})."
+                f"generate: adapter_ids must be integers, one per prompt ({len(rows)}), got "
+                f"{adapter_ids.dtype} of shape {adapter_ids.shape}."
+            )
+        bad = sorted({int(i) for i in adapter_ids if not -1 <= i < n})
+        if bad:
+            raise ValueError(
+                f"generate: adapter_ids {bad} are out of range: each id indexes LoRA.active "
+                f"{list(model.active_names)} (0..{n - 1}), or is -1 for no adapter."
             )
     greedy = temperature == 0
     out, length, stopped = _decode(

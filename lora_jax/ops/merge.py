@@ -206,7 +206,7 @@ class RequantizeReport:
         return "requantization error relative to each adapter's delta:\n" + "\n".join(lines)
 
 
-def unmerge(merged: Tree, adapters: Tree) -> dict:
+def unmerge(merged: Tree, adapters: Tree, *, names: Any = None) -> dict:
     """The base back from a merged tree and the adapters that were folded into it.
 
     The inverse of `merge`: every adapted parameter becomes ``W' - scale * A @ B`` (computed
@@ -222,6 +222,8 @@ def unmerge(merged: Tree, adapters: Tree) -> dict:
         folded in).
       adapters: a tree with the adapters' leaves and their "lora" records (the tree before
         merging, or `load_adapter`'s); its base leaves are not read.
+      names: the adapters that were merged, as given to ``merge(..., adapters=names)``
+        (None: every adapter in `adapters`); only they are subtracted and returned.
 
     Returns:
       The LoRA tree: `merged`'s leaves with the adapted parameters unmerged, plus the adapter
@@ -233,6 +235,8 @@ def unmerge(merged: Tree, adapters: Tree) -> dict:
         kernels dense: re-quantize with `lora_jax.init`); an adapted parameter missing from
         `merged` or of another shape.
     """
+    if names is not None:
+        adapters = keep_adapters(adapters, names)
     plan = Plan.of(adapters)
     flat, src = _trees.flat(merged), _trees.flat(adapters)
     problems = [

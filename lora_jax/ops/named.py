@@ -124,13 +124,15 @@ def add_adapter(params: Tree, lora_model: Any, rng: Any, *args: Any, **kwargs: A
             f"add_adapter: the tree already holds adapters named {clash} (it holds "
             f"{list(held)}): name the new adapter differently, or delete_adapter the old one."
         )
+    changes = sorted(n for n, c in getattr(lora_model, "configs", {}).items() if c.base_init)
+    if changes:
+        raise ValueError(
+            f"add_adapter: adapters {changes} start from the base weight (LoraConfig.init="
+            f"{lora_model.configs[changes[0]].init!r}) and would change the base that the tree's "
+            "other adapters were trained on: init them with lora_jax.init on a tree of their own."
+        )
     flat = _trees.flat(params)
-    base = {
-        k: v
-        for k, v in flat.items()
-        if not k.startswith(_paths.LORA + "/") and not _paths.is_adapter_leaf(k)
-    }
-    new = _trees.flat(init(lora_model, rng, *args, base_params=_trees.unflat(base), **kwargs))
+    new = _trees.flat(init(lora_model, rng, *args, base_params=base_of(params), **kwargs))
     out = dict(flat)
     for k, v in new.items():
         # The base is the tree's own (a trainable extra the tree trains keeps its value).
@@ -147,10 +149,20 @@ def _name_of(path: str) -> str | None:
     return _paths.adapted_param(path)[2] if _paths.is_adapter_leaf(path) else None
 
 
-def only_adapter(params: Tree, name: str | None, what: str) -> dict:
-    """The tree with adapter `name` alone, under the default name (what a file holds).
+def only_adapter(params: Tree, name: str | None, what: str, config: Any = None) -> dict:
+    """The tree with adapter `name` alone, under the default name (what a file holds), and,
+    with a `config`, only the trainable extras it selects (another adapter's are dropped).
 
     `name` None: the tree's one adapter; a tree with several needs `name`."""
+    if config is not None and isinstance(params, Mapping) and _paths.LORA in params:
+        params = _trees.unflat(
+            {
+                k: v
+                for k, v in _trees.flat(params).items()
+                if (extra := _paths.extra_param(k)) is None
+                or config.is_trainable_extra(_paths.to_param(extra))
+            }
+        )
     if name is None:
         held = adapter_names(params)
         if len(held) <= 1:

@@ -13,14 +13,18 @@ import jax.numpy as jnp
 
 from lora_jax import _paths, _trees
 from lora_jax.adapters.plan import Plan
+from lora_jax.adapters.variant import variant_for
 from lora_jax.config import LoraConfig
-from lora_jax.ops.merge import _delta
+from lora_jax.ops.merge import _chain
+from lora_jax.ops.named import adapter_names
 from lora_jax.quant.formats import QuantizedTensor, dequantize, quantize_array
 
 Tree = Mapping[str, Any]
 
 
-def to_original_base(params: Tree, initial: Tree, config: LoraConfig) -> tuple[dict, LoraConfig]:
+def to_original_base(
+    params: Tree, initial: Tree, config: LoraConfig, *, name: str | None = None
+) -> tuple[dict, LoraConfig]:
     """A PiSSA / OLoRA adapter as a plain LoRA adapter of rank 2r over the ORIGINAL base.
 
     Such an init replaced W by ``W_res = W − s·A₀@B₀``; after training the model computes
@@ -36,6 +40,8 @@ def to_original_base(params: Tree, initial: Tree, config: LoraConfig) -> tuple[d
         ``jax.tree.map(jnp.copy, lj.partition(params)[0])`` taken before training (copy: a
         donating train step deletes the arrays it is given).
       config: the `LoraConfig` the adapters were made with (init "pissa..." or "olora").
+      name: the adapter to convert when the tree holds several (the others stay as they
+        are; the base is rebuilt from this adapter's initial factors only).
 
     Returns:
       (tree over the original base, its `LoraConfig` with rank 2r and the usual init).
@@ -55,11 +61,25 @@ def to_original_base(params: Tree, initial: Tree, config: LoraConfig) -> tuple[d
                 else "did not change the base: save the adapter as it is."
             )
         )
+    held = adapter_names(params)
+    if name is None:
+        if len(held) > 1:
+            raise ValueError(
+                f"to_original_base: the tree holds adapters {list(held)}: pass name= (the "
+                "one whose init changed the base)."
+            )
+        name = held[0] if held else "default"
+    elif name not in held:
+        raise ValueError(
+            f"to_original_base: no adapter named {name!r}; the tree holds {list(held)}."
+        )
     flat, start = _trees.flat(params), _trees.flat(initial)
     plan = Plan.of(params)
     out = dict(flat)
     problems = []
-    for (param, name), record in sorted(plan.adapters.items()):
+    for (param, adapter), record in sorted(plan.adapters.items()):
+        if adapter != name:
+            continue
         paths = {leaf: _paths.leaf_path(param, leaf, name) for leaf in ("a", "b")}
         missing = [p for p in paths.values() if p not in start]
         if missing:
@@ -116,6 +136,11 @@ def quantization_errors(params: Tree, base_params: Tree) -> dict[str, tuple[floa
     out = {}
     for param in sorted(plan.quantized):
         q = _trees.unbox(flat[param])
+        if param not in dense:
+            raise ValueError(
+                f"quantization_errors: base_params lack '{param}', the dense kernel that "
+                "params hold in 4 bits: pass the pretrained tree they were quantized from."
+            )
         w = jnp.asarray(_trees.unbox(dense[param]), jnp.float32)
         if not isinstance(q, QuantizedTensor) or w.shape != q.shape:
             raise ValueError(
@@ -125,13 +150,17 @@ def quantization_errors(params: Tree, base_params: Tree) -> dict[str, tuple[floa
             )
         again = quantize_array(w, q.quant_config(), n_lead=len(q.lead_shape), n_in=len(q.in_shape))
         size = jnp.linalg.norm(w)
-        leaves = [
-            {leaf: _trees.unbox(flat[_paths.leaf_path(param, leaf, n)]) for leaf in ("a", "b")}
-            for n, _ in deltas.get(param, [])
-        ]
         records = tuple(r for _, r in deltas.get(param, []))
-        delta = _delta(leaves, records) if records else 0.0
+        leaves = [
+            {
+                leaf: _trees.unbox(flat[_paths.leaf_path(param, leaf, n)])
+                for leaf in variant_for(r.variant).leaves(r.geometry)
+            }
+            for n, r in deltas.get(param, [])
+        ]
+        deq = dequantize(q, jnp.float32)
+        adapted = _chain(deq, leaves, records) if records else deq  # QDoRA rescales
         plain = jnp.linalg.norm(w - dequantize(again, jnp.float32)) / size
-        after = jnp.linalg.norm(w - (dequantize(q, jnp.float32) + delta)) / size
+        after = jnp.linalg.norm(w - adapted) / size
         out[_paths.to_param(param)] = (float(plain), float(after))
     return out
