@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import math
 import os
 import platform
@@ -469,3 +470,13 @@ def fmt(value, digits: int = 2, missing: str = "–") -> str:
 
 def mb(n) -> float | None:
     return None if n is None else n / 2**20
+
+
+def write_json(out_dir: str, name: str, report: dict) -> str:
+    """Writes a standalone script's report as `<out_dir>/<name>` (made if missing); returns
+    the path."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1, default=float)
+    return path

@@ -14,7 +14,6 @@ Run: python -m benchmarks.loftq [--rank 16] [--iters 1,5] [--targets all-linear]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -23,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 import lora_jax as lj
+from benchmarks import common as c
 from lora_jax.hf import load_pretrained
 
 
@@ -78,10 +78,7 @@ def main(argv=None) -> dict:
             )
         report[f"loftq_iter={iters}"] = rows
     report["seconds"] = time.perf_counter() - start
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"loftq-r{args.rank}.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
+    path = c.write_json(args.out, f"loftq-r{args.rank}.json", report)
     print(f"wrote {path} ({report['seconds']:.0f} s)")
     return report
 

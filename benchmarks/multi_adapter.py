@@ -24,7 +24,6 @@ Run: python -m benchmarks.multi_adapter [--seq 128] [--runs 10] [--out runs/benc
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import jax
@@ -108,10 +107,7 @@ def main(argv=None) -> dict:
         report["shapes"][f"{BATCH}x{seq}"] = rows
         for name, row in rows.items():
             print(f"{BATCH}x{seq:<4} {name:<20} {row['ms']:9.2f} ms  {row['vs_one_adapter']:.2f}x")
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"multi_adapter-{args.targets}-h{args.hidden}.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
+    path = c.write_json(args.out, f"multi_adapter-{args.targets}-h{args.hidden}.json", report)
     print(f"wrote {path}")
     return report
 

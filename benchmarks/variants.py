@@ -26,7 +26,6 @@ Run: python -m benchmarks.variants [--size NAME] [--runs N] [--targets qv|all] [
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -163,10 +162,7 @@ def main(argv=None) -> dict:
         "rows": rows,
     }
     print(markdown(result))
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"variants-{args.targets}-{size_name}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1, default=float)
+    path = c.write_json(args.out, f"variants-{args.targets}-{size_name}.json", result)
     print(f"wrote {path} ({wall_s:.1f} s)")
     return result
 
