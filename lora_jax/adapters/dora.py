@@ -52,6 +52,12 @@ def column_norm(geometry: Geometry, kernel: Array, *, keepdims: bool = False) ->
     return jnp.sqrt(jnp.sum(jnp.square(kernel.astype(jnp.float32)), axis=axes, keepdims=keepdims))
 
 
+def _v(geometry: Geometry, kernel: Array, leaves: Mapping[str, Array], scale: float) -> Array:
+    """V = W + scale · A @ B in float32, the weight whose column norms DoRA divides by (the
+    forward pass and the merge form it alike)."""
+    return kernel + geometry.delta(leaves["a"], leaves["b"], scale)
+
+
 class Dora:
     """The "dora" variant: leaves "a" and "b" (as LoRA) and "m", the magnitude per output
     feature, shaped (batch..., out...)."""
@@ -110,7 +116,7 @@ class Dora:
         module, args, kwargs = call.module, call.args, call.kwargs
         split = rule.split(module, tuple(kernel.shape), args, kwargs)
         geometry = Geometry.of(kernel.shape, split, leaves["a"].shape[-1])
-        merged = kernel.astype(jnp.float32) + geometry.delta(leaves["a"], leaves["b"], scale)
+        merged = _v(geometry, kernel.astype(jnp.float32), leaves, scale)
         norm = jax.lax.stop_gradient(column_norm(geometry, merged))  # DoRA §4.3
         ratio = leaves["m"].astype(jnp.float32) / norm  # (batch..., out...)
         if getattr(rule, "scales_input", lambda _: False)(call.method):
@@ -137,7 +143,7 @@ class Dora:
     def merged_weight(
         self, geometry: Geometry, kernel: Array, leaves: Mapping[str, Array], scale: float
     ) -> Array:
-        merged = kernel + geometry.delta(leaves["a"], leaves["b"], scale)
+        merged = _v(geometry, kernel, leaves, scale)
         norm = column_norm(geometry, merged, keepdims=True)
         m = leaves["m"].astype(jnp.float32)
         cut = m.ndim - len(geometry.out_shape)  # stacked + batch axes
