@@ -6,8 +6,8 @@
 #   bash benchmarks/gpu.sh qmatmul@90 mfu@240   # each stage stopped after so many seconds
 #
 # Stages (each a separate process, so that each starts with the GPU's memory free):
-#   qmatmul (benchmarks/qmatmul.py: the 4-bit matmul, M in {1,16,128,4096}, K=N=4096, each
-#           path checked against a float32 reference first)
+#   qmatmul (benchmarks/qmatmul.py: the 4-bit matmul vs bf16, M in {1,16,128,4096},
+#           K=N=4096, checked against a float32 reference first)
 #   1b:finetune  1b:peers,quantized,merge  3b:finetune  3b:peers,quantized,merge  mfu
 #   multi    (benchmarks/multi_adapter.py: 16/64 adapters per batch vs one, hidden 2048)
 #   variants (benchmarks/variants.py: DoRA and PiSSA steps vs LoRA, size 1b)
@@ -70,7 +70,7 @@ for stage in "${stages[@]}"; do
   if [[ $stage == *@* ]]; then limit=${stage##*@}; stage=${stage%@*}; fi
   echo "=== stage $stage ($(date -u +%H:%M:%S)$([ "$limit" != 0 ] && echo ", at most ${limit} s"))"
   run=(timeout --signal=TERM --kill-after=10 "$limit")
-  if [ "$stage" = qmatmul ]; then  # the 4-bit matmul alone: Pallas kernel vs XLA vs bf16
+  if [ "$stage" = qmatmul ]; then  # the 4-bit matmul alone: XLA's path vs bf16
     "${run[@]}" "$PY" -m benchmarks.qmatmul --json "$DIR/gpu-qmatmul.json" || status=1
     [ -n "${OUT:-}" ] && cp "$DIR/gpu-qmatmul.json" "$OUT/" 2>/dev/null
     continue

@@ -1,10 +1,9 @@
-"""The 4-bit matmul alone: fused Pallas kernel vs dequantize-then-dot vs a bf16 dot.
+"""The 4-bit matmul alone: dequantize-then-dot vs a bf16 dot.
 
 For M in {1, 16, 128, 4096} (tokens) and a K x N kernel (default 4096 x 4096, NF4, block 64,
 double quantization), times in bfloat16:
   bf16        x @ W with W dense in bfloat16 (the floor: what LoRA's base matmul costs)
-  xla         dequantize(W) then x @ W (lora_jax's fallback path, QuantConfig(kernel="xla"))
-  pallas      the fused dequant-matmul kernel (QuantConfig(kernel="pallas"); GPU only)
+  xla         dequantize(W) then x @ W (lora_jax's path, QuantConfig(kernel="auto"))
 and the same for the backward input-gradient product g @ W.T ("bwd" rows). Median of 10 runs
 after a warm-up, with block_until_ready (at least 5 runs). Ratios are to bf16 in the same run.
 
@@ -13,8 +12,8 @@ HIGHEST precision) on fresh random inputs: relative error ||out - ref|| / ||ref|
 direction, at the timed shape and at an awkward one (K padded to the block, N not a multiple
 of 128), so that a kernel that computes the wrong thing never gets a time.
 
-The Pallas kernel targets the GPU (Triton); elsewhere it would run in interpret mode, which is
-a correctness tool, so the `pallas` rows are skipped off GPU.
+(Until 2026-12-01 a fused Pallas kernel had rows here too; slower than `xla` at every M on an
+H200, it was removed: docs/qlora.md keeps its figures.)
 
 Run: python -m benchmarks.qmatmul [--k 4096] [--n 4096] [--ms 1,16,128,4096] [--json PATH]
 """
@@ -30,7 +29,7 @@ import jax.numpy as jnp
 import lora_jax as lj
 from benchmarks import common as c
 from lora_jax import quant
-from lora_jax.quant import pallas as dequant_matmul
+from lora_jax.quant.matmul import _matmul
 
 
 def rel_error(fn, inp, qt, transpose: bool) -> float:
@@ -82,21 +81,14 @@ def main(argv=None):
     w = jax.random.normal(jax.random.key(0), (args.k, args.n), jnp.float32) * 0.02
     qt = quant.quantize_array(w, lj.QuantConfig(compute_dtype=bf16))
     dense = quant.dequantize(qt, bf16)
-    gpu = jax.default_backend() == "gpu"
     cases = {
         "bf16": (jax.jit(lambda x, w: x @ w), jax.jit(lambda g, w: g @ w.T), dense),
         "xla": (
-            jax.jit(lambda x, q: quant._matmul("xla", x, q, transpose=False)),
-            jax.jit(lambda g, q: quant._matmul("xla", g, q, transpose=True)),
+            jax.jit(lambda x, q: _matmul("xla", x, q, transpose=False)),
+            jax.jit(lambda g, q: _matmul("xla", g, q, transpose=True)),
             qt,
         ),
     }
-    if gpu:
-        cases["pallas"] = (
-            jax.jit(lambda x, q: dequant_matmul.pallas_matmul(x, q)),
-            jax.jit(lambda g, q: dequant_matmul.pallas_matmul(g, q, transpose=True)),
-            qt,
-        )
     ms = [int(s) for s in args.ms.split(",")]
     paths = {name: (fwd, bwd) for name, (fwd, bwd, _) in cases.items() if name != "bf16"}
     checks = check(paths, ms, [(args.k, args.n), (1000, 1040)])
@@ -130,7 +122,6 @@ def main(argv=None):
         "rows": rows,
         "correctness": checks,
         "correct": not bad,
-        "pallas": "measured" if gpu else "skipped: not a GPU backend",
     }
     names = list(cases)
     print(

@@ -68,7 +68,7 @@ def test_invoke_runs_other_methods_with_adapters():
 # ------------------------------------------------------------------------ 4-bit layers
 
 
-@pytest.mark.parametrize("kernel", ["xla", "pallas"])
+@pytest.mark.parametrize("kernel", ["auto"])
 def test_quantized_layers_forward_and_gradients(kernel):
     model, x = Layers(), jax.random.normal(jax.random.key(11), (2, 3, 64))
     base = model.init(jax.random.key(12), x)

@@ -1,4 +1,4 @@
-"""4-bit base weights (QLoRA): formats, the dequantizing matmul, and its Pallas kernel."""
+"""4-bit base weights (QLoRA): formats and the dequantizing matmul."""
 
 from lora_jax.quant.formats import (
     DQ_BLOCK,

@@ -1,5 +1,8 @@
 """The dequantizing matmul: ``x @ dequantize(W)`` with a backward pass that keeps only the
-packed codes, on XLA's dequantize-then-dot or the opt-in Pallas kernel."""
+packed codes, on XLA's dequantize-then-dot.
+
+(A fused Pallas kernel was here as an opt-in until 2026-12-01; on an H200 it ran 1.4-3.2x a
+bf16 ``x @ W`` where this path runs 0.93-1.33x, so it was removed: docs/qlora.md.)"""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lora_jax.quant import pallas
 from lora_jax.quant.formats import TABLES, QuantizedTensor, dequantize_matrix
 
 Array = jax.Array
@@ -25,7 +27,7 @@ def qmatmul(x: Array, qt: QuantizedTensor, kernel: str = "auto") -> Array:
     Args:
       x: (..., K) in the compute dtype; the kernel is dequantized to `x.dtype`.
       qt: a `QuantizedTensor` with no leading axes.
-      kernel: "auto", "xla" or "pallas" (see `QuantConfig.kernel`).
+      kernel: "auto" or "xla" (see `QuantConfig.kernel`): XLA's dequantize-then-dot.
 
     Returns:
       (..., N) in `x.dtype`.
@@ -84,11 +86,7 @@ def _dequantize_after(x: Array, qt: QuantizedTensor) -> Array:
 
 def _matmul(kernel: str, x: Array, qt: QuantizedTensor, *, transpose: bool) -> Array:
     """x (M, K) @ W (K, N), or with `transpose` x (M, N) @ W.T, in x's dtype."""
-    # "auto" is XLA's dequantize-then-dot on every backend: on an H200 the Pallas kernel took
-    # 1.3-3.2x a bf16 x @ W (M in {1, 16, 128, 4096}, K = N = 4096), XLA's path 0.93-1.39x
-    # (benchmarks/qmatmul.py, docs/qlora.md). Only kernel="pallas" selects the kernel.
-    if kernel == "pallas":
-        return pallas.pallas_matmul(x, qt, transpose=transpose)
+    del kernel  # "auto" and "xla" are the same path (QuantConfig checks the value)
     w = _dequantize_after(x, qt)
     dims = (((1,), (1 if transpose else 0,)), ((), ()))
     return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32).astype(x.dtype)
