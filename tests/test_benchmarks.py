@@ -80,3 +80,34 @@ def test_benchmarks_write_outside_the_tracked_files():
     args = run.parse([])
     assert pathlib.Path(args.out) == pathlib.Path("runs/benchmarks") and args.plots is None
     assert "runs/" in (ROOT / ".gitignore").read_text().split()  # ignored by git
+
+
+def test_the_gpu_stages_standalone_scripts_run_at_toy_sizes(tmp_path):
+    """benchmarks/gpu.sh's standalone stages (qmatmul, multi, variants) run end to end at toy
+    sizes on CPU, so a GPU loan never finds one broken."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import multi_adapter, qmatmul, variants
+
+    qmatmul.main(
+        ["--ms", "1", "--k", "64", "--n", "64", "--runs", "5", "--json", str(tmp_path / "q.json")]
+    )
+    assert json.loads((tmp_path / "q.json").read_text())["correct"]
+    report = multi_adapter.main(
+        [
+            "--hidden",
+            "64",
+            "--layers",
+            "1",
+            "--seq",
+            "8",
+            "--runs",
+            "5",
+            "--adapters",
+            "4",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert set(report["shapes"]) == {"64x8", "64x1"}
+    result = variants.main(["--size", "test", "--runs", "5", "--out", str(tmp_path)])
+    assert set(result["rows"]) == {"lora", "dora", "pissa"}
