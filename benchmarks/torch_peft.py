@@ -10,7 +10,7 @@ timed like the JAX steps (warm-up excluded, device synchronized, median of the r
 
     python -m benchmarks.torch_peft --spec '{"hidden_size": 64, ...}' --json out.json
 
-With ``"compile": true`` in the spec the PEFT model runs under `torch.compile` (TorchInductor,
+With ``"use_dora": true`` PEFT's DoRA replaces LoRA. With ``"compile": true`` in the spec the PEFT model runs under `torch.compile` (TorchInductor,
 default mode): the warm-up call compiles, a second untimed call absorbs recompilation.
 
 torch, transformers and peft are imported here only; when one is missing, the JSON says so.
@@ -102,6 +102,7 @@ def measure(spec: dict) -> dict:
         lora_dropout=0.0,
         target_modules=list(spec["targets"]),
         bias="none",
+        use_dora=bool(spec.get("use_dora")),
     )
     model = peft.get_peft_model(model, cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]

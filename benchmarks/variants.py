@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 import jax
@@ -48,6 +49,26 @@ DEFAULT_RUNS = 30
 def default_size() -> str:
     """The suite's default size (benchmarks/run.py): tiny on CPU, 1b on GPU."""
     return "1b" if jax.default_backend() == "gpu" else "tiny"
+
+
+def peft_dora(sz: c.Size, targets: tuple[str, ...], runs: int, log=print) -> dict:
+    """PEFT's DoRA step over its LoRA step at the same config, eager PyTorch: each timed in
+    its own child process (benchmarks/torch_peft.py), LoRA and DoRA alternating, two rounds;
+    the ratio of the medians."""
+    from benchmarks.cases import peers
+
+    ctx = c.Context(size=sz, runs=runs, log=log)
+    out: dict = {"lora_ms": [], "dora_ms": []}
+    for _ in range(2):
+        for name in ("lora", "dora"):
+            log(f"  PEFT {name} (child process)")
+            row = peers.peft_row(ctx, None, targets, use_dora=name == "dora")
+            if "skipped" in row:
+                return {"skipped": row["skipped"]}
+            out[f"{name}_ms"].append(round(row["ms"], 2))
+            out["torch"] = row.get("torch")
+    out["dora_over_lora"] = statistics.median(out["dora_ms"]) / statistics.median(out["lora_ms"])
+    return out
 
 
 def measure(sz: c.Size, targets: tuple[str, ...], runs: int, log=print) -> dict:
@@ -134,6 +155,12 @@ def main(argv=None) -> dict:
         default="all",
         help="LoRA targets: every linear layer of the blocks (all, default) or q_proj, v_proj (qv)",
     )
+    p.add_argument(
+        "--peft",
+        action="store_true",
+        help="also time PEFT's LoRA and DoRA steps at the same config (torch, transformers and "
+        "peft installed), in child processes, alternating, two rounds each",
+    )
     p.add_argument("--out", default=os.path.join("runs", "benchmarks"), help="results directory")
     args = p.parse_args(argv)
     size_name = args.size or default_size()
@@ -147,6 +174,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     log = lambda s: print(f"[{time.perf_counter() - t0:6.1f}s] {s}", flush=True)
     rows = measure(sz, TARGETS[args.targets], runs, log)
+    peft = peft_dora(sz, TARGETS[args.targets], runs, log) if args.peft else None
     wall_s = time.perf_counter() - t0
     result = {
         "title": "Adapter variants vs LoRA",
@@ -160,8 +188,15 @@ def main(argv=None) -> dict:
         "wall_s": wall_s,
         "machine": info,
         "rows": rows,
+        "peft": peft,
     }
     print(markdown(result))
+    if peft is not None:
+        print(
+            f"PEFT (torch {peft.get('torch')}, eager): DoRA step / LoRA step "
+            f"{c.fmt(peft.get('dora_over_lora'))} (LoRA runs {peft.get('lora_ms')} ms, DoRA "
+            f"{peft.get('dora_ms')} ms)"
+        )
     path = c.write_json(args.out, f"variants-{args.targets}-{size_name}.json", result)
     print(f"wrote {path} ({wall_s:.1f} s)")
     return result

@@ -239,10 +239,15 @@ def nnx_rows(ctx: c.Context) -> dict:
 
 
 def peft_row(
-    ctx: c.Context, lora_ms: float | None, targets=c.ALL_LINEAR, *, compile: bool = False
+    ctx: c.Context,
+    lora_ms: float | None,
+    targets=c.ALL_LINEAR,
+    *,
+    compile: bool = False,
+    use_dora: bool = False,
 ) -> dict:
     """PEFT's step time on the same config, in a child process (its own GPU memory pool);
-    with `compile`, PEFT under `torch.compile`."""
+    with `compile`, PEFT under `torch.compile`; with `use_dora`, PEFT's DoRA."""
     sz = ctx.size
     m = sz.model
     spec = {
@@ -265,6 +270,7 @@ def peft_row(
         "runs": max(ctx.runs, c.MIN_RUNS),
         "chunked_loss": sz.chunked_loss,
         "compile": compile,
+        "use_dora": use_dora,
     }
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "peft.json")
