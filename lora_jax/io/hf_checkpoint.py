@@ -37,6 +37,7 @@ cannot read lora_jax's 4-bit layout.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import importlib
@@ -242,7 +243,7 @@ class _Source(NamedTuple):
     transpose: bool
 
 
-Placer = Callable[[str, _Source], Any]
+Placer = Callable[[str, _Source, list], Any]
 
 
 def _placer(
@@ -262,8 +263,8 @@ def _placer(
         named = param_shardings({_paths.PARAMS: _trees.unflat(abstract)}, mesh, rules=rules or ())
         shardings = _trees.flat(named[_paths.PARAMS])
 
-    def place(path: str, source: _Source) -> Any:
-        host, transpose = source.read(), source.transpose
+    def place(path: str, source: _Source, box: list) -> Any:
+        host, transpose = box.pop(), source.transpose  # `box` held the only reference
         quantized = quantize is not None and _quantized(path, quantize)
         dtype = host.dtype if quantized else jnp.dtype(cfg.param_dtype)
         if host.size < _XLA_MIN_SIZE and (transpose or host.dtype != dtype):
@@ -313,9 +314,18 @@ def _quantized(path: str, quantize: QuantConfig) -> bool:
 
 def _place_all(sources: Mapping[str, _Source], place: Placer) -> dict[str, Any]:
     """Reads and places every tensor, largest first: the transient copies of the big ones
-    come while little else is loaded."""
+    come while little else is loaded. The next tensor is read (a copy out of the file) in a
+    second thread while this one is placed (a copy onto the device, a transpose): one more
+    tensor in host memory at a time, never the largest, which comes first."""
     order = sorted(sources, key=lambda p: -sources[p].size)
-    return {path: place(path, sources[path]) for path in order}
+    out = {}
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lora_jax-read") as pool:
+        pending = pool.submit(sources[order[0]].read) if order else None
+        for i, path in enumerate(order):
+            box = [pending.result()]  # the future is dropped next: `box` is the only holder
+            pending = pool.submit(sources[order[i + 1]].read) if i + 1 < len(order) else None
+            out[path] = place(path, sources[path], box)
+    return out
 
 
 # --------------------------------------------------------------------------- load
