@@ -217,9 +217,9 @@ class LoraConfig:
       siblings: groups of layer names that read the same input, e.g. attention's q/k/v: the
         adapters of the members of a group under one parent module run their first product
         as one (``x @ [A_q A_k A_v]``), forward and backward; each finishes with its own B.
-        Applies to plain LoRA on 2-D kernels without dropout, to members that are the same
-        kind of layer contracting the input's last axis (as `nn.Dense` layers do); a member
-        called with another input computes its own product.
+        Applies to plain LoRA on 2-D kernels without dropout; a member called with another
+        input, or computing otherwise (another layer class or einsum), computes its own
+        product, so a wrong group costs time, never correctness.
         () turns it off. The default names the Llama family's q/k/v and gate/up.
       bias: which biases train in full beside the adapters, as PEFT's `bias`: "none", "all"
         (every parameter named "bias" in the model) or "lora_only" (the biases of the

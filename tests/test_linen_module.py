@@ -219,13 +219,16 @@ def test_lora_with_a_dict_config_is_a_type_error():
 
 
 class _Siblings(nn.Module):
-    """q and k read the same input; v reads another one (a wrong sibling group)."""
+    """q and k read the same input; v reads another one; gate contracts another axis of the
+    same input (wrong sibling groups, which must cost time only)."""
 
     @nn.compact
     def __call__(self, x):
         q, k = nn.Dense(6, name="q_proj")(x), nn.Dense(5, name="k_proj")(x)
         v = nn.Dense(4, name="v_proj")(x * 2.0)
-        return jnp.concatenate([q, k, v], axis=-1)
+        up = nn.Dense(3, name="up_proj")(x)
+        gate = nn.DenseGeneral(3, axis=-2, name="gate_proj")(x)  # contracts the other axis
+        return jnp.concatenate([q, k, v, up], axis=-1), gate
 
 
 @pytest.mark.parametrize("scan", [False, True])
@@ -252,9 +255,10 @@ def test_sibling_adapters_share_their_first_product_exactly(scan):
         jax.jit(m.apply).lower(params, x).compile().as_text().count(" dot(") for m in (fused, alone)
     ]
     assert hlo[0] < hlo[1]  # fewer products
-    net, y = _Siblings(), jnp.ones((2, 3))
+    net, y = _Siblings(), jax.random.normal(jax.random.key(5), (2, 3, 3))
     net_base = net.init(jax.random.key(0), y)
-    lm = lj.LoRA(net, lj.LoraConfig(rank=2, targets=("q_proj", "k_proj", "v_proj")))
+    targets = ("q_proj", "k_proj", "v_proj", "up_proj", "gate_proj")
+    lm = lj.LoRA(net, lj.LoraConfig(rank=2, targets=targets))
     p = randomize_adapters(
         lj.init(lm, jax.random.key(1), y, base_params=net_base), jax.random.key(2)
     )

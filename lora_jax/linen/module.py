@@ -465,12 +465,19 @@ def _sibling_output(
         return None
     key = (parent_path, group, name)
     cached = trace.fused.get(key)
+    # The shared product fits this layer only if it computes like the member that made it:
+    # the same layer class, rule and einsum subscripts (a sibling contracting another axis of
+    # x would otherwise read the wrong product).
+    kind = (type(module), rule, rule.spec(module, x, call.kwargs))
     if cached is None or cached[0] is not x or own not in cached[2]:
         cached = _sibling_product(module, cfg, name, rule, record, call, group, x)
         if cached is None:
             return None
+        cached = (*cached, kind)
         trace.fused[key] = cached
-    _, (h, plan), offsets = cached
+    elif cached[3] != kind:
+        return None  # computes its own product
+    _, (h, plan), offsets, _ = cached
     start, stop = offsets[own]
     kernel = module.get_variable("params", rule.param)
     leaves = _leaves(cfg, name, rule, record, module, kernel)  # checks this layer's leaves
