@@ -95,6 +95,12 @@ def is_adapter_leaf(path: str) -> bool:
     return parsed is not None and parsed.leaf != ""
 
 
+def is_lora(path: str) -> bool:
+    """Whether a variables path is lora_jax's: an adapter leaf or an entry of the "lora"
+    collection (a record or a marker). The rest of a tree is the base."""
+    return is_adapter_leaf(path) or path.startswith(LORA + "/")
+
+
 def extra_param(marker_path: str) -> str | None:
     """The variables path of the parameter that a "lora/.../<param>_trainable" marker marks."""
     if not (marker_path.startswith(LORA + "/") and marker_path.endswith(_TRAINABLE)):

@@ -91,7 +91,7 @@ def partition_specs(params: Tree, specs: Tree | None = None) -> dict:
             if not _paths.is_adapter_leaf(k) or isinstance(v, meta.Partitioned)
         }
     )
-    missing = [k for k in flat if k not in given and not _is_lora(k)]
+    missing = [k for k in flat if k not in given and not _paths.is_lora(k)]
     _raise_listed("has no sharding spec (give one for every base leaf)", missing)
     out = {
         k: (v if _is_record(v) else _padded(k, v, given[k]))
@@ -329,10 +329,6 @@ def quantized_specs(
 
 def _is_record(x: Any) -> bool:
     return isinstance(x, Record)
-
-
-def _is_lora(path: str) -> bool:
-    return _paths.is_adapter_leaf(path) or path.startswith(_paths.LORA + "/")
 
 
 def _box_spec(v: Any) -> PartitionSpec:

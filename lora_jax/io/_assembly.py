@@ -53,7 +53,7 @@ def base_leaves(base_params: Mapping) -> tuple[dict[str, Any], dict[str, Any]]:
     already holds adapters."""
     boxed = _trees.flat(_paths.as_variables(base_params, "base_params"))
     flat = {k: _trees.unbox(v) for k, v in boxed.items()}
-    held = sorted(k for k in flat if _paths.is_adapter_leaf(k) or k.startswith(_paths.LORA + "/"))
+    held = sorted(k for k in flat if _paths.is_lora(k))
     if held:
         raise ValueError(
             f"base_params already hold LoRA leaves ({_trees.quoted(held)}): pass the base "

@@ -607,7 +607,7 @@ def _params_to_save(cfg: LlamaConfig, params: Mapping) -> dict[str, Any]:
     """The bare params by path, unboxed, checked against the model."""
     variables = _paths.as_variables(params, "params")
     flat = {k: _trees.unbox(v) for k, v in _trees.flat(variables).items()}
-    lora = [k for k in flat if k.startswith(_paths.LORA + "/") or _paths.is_adapter_leaf(k)]
+    lora = [k for k in flat if _paths.is_lora(k)]
     if lora:
         raise ValueError(
             f"save_pretrained: params hold LoRA adapters ({_trees.quoted(lora)}): save "

@@ -105,11 +105,7 @@ def init(
     if base_params is None:
         variables = lora_model.init(rngs, *args, **kwargs)
         if qcfg is not None:  # adapters that read W (QDoRA's m, LoftQ) see the 4-bit one
-            base = {
-                k: v
-                for k, v in _trees.flat(variables).items()
-                if not k.startswith(_paths.LORA + "/") and not _paths.is_adapter_leaf(k)
-            }
+            base = {k: v for k, v in _trees.flat(variables).items() if not _paths.is_lora(k)}
             return init(lora_model, rng, *args, base_params=_trees.unflat(base), **kwargs)
         the_plan = Plan.of(variables)
         _warn_rank(the_plan)
@@ -266,7 +262,7 @@ def _base_variables(base_params: Any, abstract: Mapping) -> dict:
     """The pretrained variables (one rule for a bare params dict), checked to be a base."""
     base = _paths.as_variables(base_params, "base_params")
     flat = _trees.flat(base)
-    held = sorted(k for k in flat if k.startswith(_paths.LORA + "/") or _paths.is_adapter_leaf(k))
+    held = sorted(k for k in flat if _paths.is_lora(k))
     if held:
         raise ValueError(
             f"base_params already hold LoRA adapters ({_trees.quoted(held)}): pass the "

@@ -276,7 +276,7 @@ def unmerge(merged: Tree, adapters: Tree, *, names: Any = None) -> dict:
         records = tuple(r for _, r in found)
         out[param] = _trees.rebox(flat[param], _unfold(_trees.unbox(flat[param]), leaves, records))
     for k, v in src.items():
-        if _paths.is_adapter_leaf(k) or k.startswith(_paths.LORA + "/"):
+        if _paths.is_lora(k):
             out[k] = v
     return _trees.unflat(out)
 

@@ -136,7 +136,7 @@ def add_adapter(params: Tree, lora_model: Any, rng: Any, *args: Any, **kwargs: A
     out = dict(flat)
     for k, v in new.items():
         # The base is the tree's own (a trainable extra the tree trains keeps its value).
-        if k not in flat or _paths.is_adapter_leaf(k) or k.startswith(_paths.LORA + "/"):
+        if k not in flat or _paths.is_lora(k):
             out[k] = v
     return _trees.unflat(out)
 
@@ -179,13 +179,7 @@ def only_adapter(params: Tree, name: str | None, what: str, config: Any = None) 
 
 def base_of(params: Tree) -> dict:
     """The tree without any adapter leaf or "lora" record (a 4-bit kernel stays 4-bit)."""
-    return _trees.unflat(
-        {
-            k: v
-            for k, v in _trees.flat(params).items()
-            if not k.startswith(_paths.LORA + "/") and not _paths.is_adapter_leaf(k)
-        }
-    )
+    return _trees.unflat({k: v for k, v in _trees.flat(params).items() if not _paths.is_lora(k)})
 
 
 def join_adapter(params: Tree, loaded: Tree, name: str, what: str) -> dict:
