@@ -53,9 +53,8 @@ def stack(
       (A, B) of shapes (n, *lead, *a_shape) and (n, *lead, *b_shape) at the largest rank, in
       `dtype`, B scaled.
     """
-    rank = max(a.shape[-1] for e in entries if e is not None for a in e[:1])
+    rank = max(e[0].shape[-1] for e in entries if e is not None)
     padded = Geometry(geometry.shape, geometry.n_batch, geometry.n_in, rank)
-    r_axis = len(lead) + geometry.n_batch  # B's rank axis
     out_a, out_b = [], []
     for entry in entries:
         if entry is None:
@@ -66,7 +65,7 @@ def stack(
         pad = rank - a.shape[-1]
         out_a.append(jnp.pad(a.astype(dtype), [(0, 0)] * (a.ndim - 1) + [(0, pad)]))
         widths = [(0, 0)] * b.ndim
-        widths[r_axis] = (0, pad)
+        widths[geometry.b_rank_axis(b.ndim)] = (0, pad)
         scaled = (b.astype(jnp.float32) * scale).astype(dtype)
         out_b.append(jnp.pad(scaled, widths))
     return jnp.stack(out_a), jnp.stack(out_b)

@@ -119,6 +119,10 @@ class Geometry:
         """(batch..., rank, out...)."""
         return (*self.batch_shape, self.rank, *self.out_shape)
 
+    def b_rank_axis(self, b_ndim: int) -> int:
+        """B's rank axis for a B of `b_ndim` axes (leading stacked axes included)."""
+        return b_ndim - self.n_out - 1
+
     def stacked(self, stored_shape: Sequence[int]) -> int:
         """How many leading axes the stored parameter has that its layer never sees
         (`nn.scan`-stacked layers); raises if the stored shape does not end in `shape`."""

@@ -477,7 +477,7 @@ def as_matrices(geometry: Geometry, a: Array, b: Array) -> tuple[Array, Array]:
     axes flattened; batch axes (per-head) and stacked axes (nn.scan) stay leading."""
     g = geometry
     a_m = a.reshape((*a.shape[: a.ndim - g.n_in - 1], g.fan_in, g.rank))
-    b_m = b.reshape((*b.shape[: b.ndim - g.n_out - 1], g.rank, g.fan_out))
+    b_m = b.reshape((*b.shape[: g.b_rank_axis(b.ndim)], g.rank, g.fan_out))
     return a_m, b_m
 
 

@@ -575,8 +575,7 @@ def _per_example_output(
                 entries.append(None)
         stacked = bank.stack(found[0][2].geometry, entries, dtype)
     a, b = bank.select(*stacked, ids, dtype)
-    cfgs = {cfg.dropout: cfg for _, cfg, _ in found}
-    dropout = _dropout(max(cfgs.values(), key=lambda c: c.dropout), module)
+    dropout = _dropout(max((cfg for _, cfg, _ in found), key=lambda c: c.dropout), module)
     x = dropout(x.astype(dtype)) if floating else x
     rest = call.args[1:]
     no_dropout = lambda v: v

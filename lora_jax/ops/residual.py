@@ -93,7 +93,7 @@ def to_original_base(
         w = _trees.unbox(flat[param])
         original = w.astype(jnp.float32) + record.geometry.delta(a0, b0, record.scale)
         out[param] = _trees.rebox(flat[param], original.astype(w.dtype))
-        r_axis = b.ndim - record.geometry.n_out - 1
+        r_axis = record.geometry.b_rank_axis(b.ndim)
         out[paths["a"]] = _trees.rebox(flat[paths["a"]], jnp.concatenate([a, a0], axis=-1))
         out[paths["b"]] = _trees.rebox(
             flat[paths["b"]], jnp.concatenate([b, -b0.astype(b.dtype)], axis=r_axis)

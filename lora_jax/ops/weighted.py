@@ -44,7 +44,7 @@ class Combination(NamedTuple):
       config: the new adapter's `LoraConfig` (its exact targets, ranks, alpha = rank so the
         scale is 1), for ``LoRA(model, {..., name: config})`` and `save_adapter`.
       residuals: parameter path -> ‖Σ wᵢΔWᵢ − ΔW_new‖ / ‖Σ wᵢΔWᵢ‖ (Frobenius; 0 for
-        "cat" up to rounding; what truncation or "linear" lost otherwise).
+        "cat", whose factors are the sum itself; what truncation or "linear" lost otherwise).
     """
 
     params: dict
@@ -160,13 +160,13 @@ def _combined(
 ) -> tuple[jax.Array, jax.Array, float]:
     """(A_new, B_new, relative residual) for one parameter, in float32."""
     f32 = jnp.float32
-    b_rank_axis = lambda b: b.ndim - geometry.n_out - 1  # after any stacked axes
     cat_a = jnp.concatenate([a.astype(f32) for _, _, a, _ in leaves], axis=-1)
     cat_b = jnp.concatenate(
-        [b.astype(f32) * (w * r.scale) for w, r, _, b in leaves], axis=b_rank_axis(leaves[0][3])
+        [b.astype(f32) * (w * r.scale) for w, r, _, b in leaves],
+        axis=geometry.b_rank_axis(leaves[0][3].ndim),
     )
     if method == "cat":
-        return cat_a, cat_b, _residual(geometry, cat_a, cat_b, cat_a, cat_b)
+        return cat_a, cat_b, 0.0  # the sum itself, factor by factor: nothing is lost
     if method == "linear":
         root = [math.copysign(math.sqrt(abs(w) * r.scale), w) for w, r, _, _ in leaves]
         a = sum(c * a.astype(f32) for c, (_, _, a, _) in zip(root, leaves, strict=True))
