@@ -252,6 +252,10 @@ def test_unmerge_gives_the_base_back(two):
     back = lj.unmerge(lj.merge(params), params)
     for path, value in leaves_by_path(params).items():
         chex.assert_trees_all_close(leaves_by_path(back)[path], value, atol=1e-6, rtol=1e-6)
+    # The adapters' tree need not hold the base: its trainable half and records suffice.
+    adapters_only = lj.combine(lj.partition(params)[0], {"lora": params["lora"]})
+    again = lj.unmerge(lj.merge(params), adapters_only)
+    chex.assert_trees_all_close(leaves_by_path(again), leaves_by_path(back), atol=0, rtol=0)
     # bfloat16 base: within one bf16 ulp (2**-7 relative) of |W| + |ΔW| per weight.
     bf = {"params": jax.tree_util.tree_map_with_path(_bf16_base, params["params"])}
     bf["lora"] = params["lora"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -98,11 +98,18 @@ def _leaves(record: Adapter) -> tuple[str, ...]:
     return tuple(variant_for(record.variant).leaves(record.geometry))
 
 
-def _check(flat: Mapping[str, Any], plan: Plan, present: set[str]) -> dict:
+def _check(
+    flat: Mapping[str, Any],
+    plan: Plan,
+    present: set[str],
+    what: str = "Cannot merge",
+    earlier: Sequence[str] = (),
+) -> dict:
     """The adapters by parameter, after checking that leaves and records fit; raises listing
-    every problem."""
+    every problem (after the caller's `earlier` ones) under `what`."""
     expected = plan.adapter_leaves()
-    problems = [
+    problems = [*earlier]
+    problems += [
         f"Adapter leaf '{k}' has no record in the 'lora' collection (its "
         f"'{_paths.record_path(_paths.adapted_param(k)[0], _paths.adapted_param(k)[2])}' is "
         "missing): pass the whole tree, with the 'lora' collection of the same run."
@@ -116,7 +123,7 @@ def _check(flat: Mapping[str, Any], plan: Plan, present: set[str]) -> dict:
     by_param: dict[str, list] = {}
     for (param, name), record in sorted(plan.adapters.items()):
         if param not in flat:
-            problems.append(f"Adapter of '{param}' has no parameter to merge into.")
+            problems.append(f"Adapter of '{param}' has no parameter in the tree.")
             continue
         w = _trees.unbox(flat[param])
         dtype = jnp.result_type(w)
@@ -132,7 +139,7 @@ def _check(flat: Mapping[str, Any], plan: Plan, present: set[str]) -> dict:
         }
         problems += record.geometry.problems(param, w.shape, shapes)
         by_param.setdefault(param, []).append((name, record))
-    _trees.raise_problems("Cannot merge", problems)
+    _trees.raise_problems(what, problems)
     return by_param
 
 
@@ -252,32 +259,20 @@ def unmerge(merged: Tree, adapters: Tree, *, names: Any = None) -> dict:
             "merge made them dense, so the base cannot come back in 4 bits; unmerge with the "
             "dense adapters' records, or run lora_jax.init on the unmerged dense base."
         )
-    by_param: dict[str, list] = {}
-    for (param, name), record in sorted(plan.adapters.items()):
-        if param not in flat:
-            problems.append(f"'{param}' is adapted but missing from the merged tree.")
-            continue
-        w = _trees.unbox(flat[param])
-        shapes = {
-            leaf: jnp.shape(_trees.unbox(src[k]))
-            for leaf in _leaves(record)
-            if (k := _paths.leaf_path(param, leaf, name)) in src
-        }
-        problems += record.geometry.problems(param, jnp.shape(w), shapes)
-        by_param.setdefault(param, []).append((name, record))
-    _check(src, plan, {k for k in src if _paths.is_adapter_leaf(k)})
-    _trees.raise_problems("Cannot unmerge", problems)
-    out = dict(flat)
+    # The merged tree's parameters with the adapters' leaves and records: checked as merge
+    # checks a tree (leaves against records, parameters present, floating, shapes).
+    joined = {k: v for k, v in flat.items() if not _paths.is_lora(k)}
+    joined.update({k: v for k, v in src.items() if _paths.is_lora(k)})
+    present = {k for k in joined if _paths.is_adapter_leaf(k)}
+    by_param = _check(joined, plan, present, "Cannot unmerge", problems)
+    out = dict(joined)  # the base's adapted parameters are replaced below
     for param, found in by_param.items():
         leaves = [
-            {leaf: _trees.unbox(src[_paths.leaf_path(param, leaf, n)]) for leaf in _leaves(r)}
+            {leaf: _trees.unbox(joined[_paths.leaf_path(param, leaf, n)]) for leaf in _leaves(r)}
             for n, r in found
         ]
         records = tuple(r for _, r in found)
         out[param] = _trees.rebox(flat[param], _unfold(_trees.unbox(flat[param]), leaves, records))
-    for k, v in src.items():
-        if _paths.is_lora(k):
-            out[k] = v
     return _trees.unflat(out)
 
 
