@@ -9,10 +9,11 @@ random values made a chunk at a time (the writer never holds the model), then lo
   nf4     the seven linear layers of every block quantized as they arrive (NF4, block 64,
           double quantization); embeddings and norms stay bfloat16
 
-and reports, per mode: the wall time until every array is ready, the throughput (checkpoint
-bytes / time), the bytes of the loaded parameters, and the child's peak resident memory
-(max of VmHWM and ru_maxrss) as a multiple of the checkpoint's bytes, next to its resident
-memory before the load (Python, JAX and lora_jax: the baseline) and after it.
+and reports, per mode (the run of median time among --repeats loads, the modes alternating):
+the wall time until every array is ready, the throughput (checkpoint bytes / time), the bytes
+of the loaded parameters, and the child's peak resident memory (max of VmHWM and ru_maxrss,
+the highest of the runs) as a multiple of the checkpoint's bytes, next to its resident memory
+before the load (Python, JAX and lora_jax: the baseline) and after it.
 
 On CPU the loaded arrays live in host memory too: "params" is what must stay (1.0x the
 checkpoint when dense), the baseline is the interpreter, and the rest of the peak is what
@@ -21,7 +22,7 @@ The child reads files that were just written, i.e. mostly from the page cache, s
 throughput is the loader's, not the disk's.
 
 Run: python -m benchmarks.load [--out runs/benchmarks/] [--dir DIR] [--keep] [--size 1b|test]
-                               [--shard-gb 1.0] [--modes dense,nf4]
+                               [--shard-gb 1.0] [--modes dense,nf4] [--repeats 1]
 """
 
 from __future__ import annotations
@@ -154,6 +155,19 @@ def summarize(figures: dict, checkpoint_bytes: int) -> dict:
     }
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run of median time (the lower middle one of an even count), with every run's
+    seconds and the highest peak of all."""
+    ordered = sorted(runs, key=lambda r: r["seconds"])
+    peak = max(r["peak_rss_bytes"] for r in runs)
+    return {
+        **ordered[(len(ordered) - 1) // 2],
+        "seconds_all": [r["seconds"] for r in runs],
+        "peak_rss_bytes": peak,
+        "peak_over_checkpoint": max(r["peak_over_checkpoint"] for r in runs),
+    }
+
+
 def markdown(report: dict) -> str:
     gb = lambda n: f"{n / 1e9:.2f}"
     lines = [
@@ -164,13 +178,15 @@ def markdown(report: dict) -> str:
         f"{report['machine']['jax']}, backend {report['machine']['backend']}; written in "
         f"{report['write_seconds']:.1f} s.",
         "",
-        "| mode | seconds | GB/s | params GB (x ckpt) | baseline RSS GB | peak RSS GB (x ckpt) "
-        "| peak - baseline - params (x ckpt) |",
-        "|---|---|---|---|---|---|---|",
+        "| mode | loads | seconds (median) | seconds (all) | GB/s (median) | params GB (x ckpt) "
+        "| baseline RSS GB | peak RSS GB (x ckpt) | peak - baseline - params (x ckpt) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         lines.append(
-            f"| {r['mode']} | {r['seconds']:.1f} | {r['gb_per_s']:.2f} | {gb(r['params_bytes'])} "
+            f"| {r['mode']} | {len(r['seconds_all'])} | {r['seconds']:.2f} | "
+            f"{', '.join(f'{t:.2f}' for t in r['seconds_all'])} | {r['gb_per_s']:.2f} | "
+            f"{gb(r['params_bytes'])} "
             f"({r['params_over_checkpoint']:.2f}) | {gb(r['baseline_rss_bytes'])} | "
             f"{gb(r['peak_rss_bytes'])} ({r['peak_over_checkpoint']:.2f}) | "
             f"{r['transient_over_checkpoint']:.2f} |"
@@ -188,6 +204,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--size", choices=SIZES, default="1b")
     p.add_argument("--shard-gb", type=float, default=1.0, help="largest shard, GB (1e9 bytes)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {MODES}")
+    p.add_argument("--repeats", type=int, default=1, help="loads per mode (fresh processes)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -210,13 +227,16 @@ def main(argv: list[str] | None = None) -> dict | None:
         shards = len(list(root.glob("*.safetensors")))
         print(f"wrote {checkpoint_bytes / 1e9:.2f} GB in {shards} shard(s) to {root} "
               f"in {write_seconds:.1f} s")  # fmt: skip
-        results = []
-        for mode in modes:
-            figures = summarize(run_child(root, mode, root / f"{mode}.json"), checkpoint_bytes)
-            results.append(figures)
-            print(f"{mode}: {figures['seconds']:.1f} s, {figures['gb_per_s']:.2f} GB/s, peak RSS "
-                  f"{figures['peak_rss_bytes'] / 1e9:.2f} GB = "
-                  f"{figures['peak_over_checkpoint']:.2f}x the checkpoint")  # fmt: skip
+        runs: dict[str, list[dict]] = {mode: [] for mode in modes}
+        for _ in range(args.repeats):  # the modes alternate: drift hits each alike
+            for mode in modes:
+                figures = run_child(root, mode, root / f"{mode}.json")
+                runs[mode].append(summarize(figures, checkpoint_bytes))
+                print(f"{mode}: {figures['seconds']:.2f} s, "
+                      f"{runs[mode][-1]['gb_per_s']:.2f} GB/s, peak RSS "
+                      f"{figures['peak_rss_bytes'] / 1e9:.2f} GB = "
+                      f"{runs[mode][-1]['peak_over_checkpoint']:.2f}x the checkpoint")  # fmt: skip
+        results = [median_run(runs[mode]) for mode in modes]
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

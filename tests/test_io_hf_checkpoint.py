@@ -397,6 +397,24 @@ def test_truncated_or_corrupt_file(saved, damage):
         load_pretrained(saved)
 
 
+def test_reader_gives_the_stored_bits_aligned_and_names_a_file_cut_short(saved):
+    """The loader reads each tensor itself (into a buffer XLA can adopt without a copy); what
+    it reads is what safetensors reads, and a file that shrinks after its header was checked
+    is a ValueError naming it, not a short array."""
+    tensors = hf_checkpoint._headers(saved)
+    for name, tensor in tensors.items():
+        value = hf_checkpoint._reader(tensor, name)()
+        assert value.ctypes.data % hf_checkpoint._ALIGN == 0
+        expected = load_file(str(tensor.file))[name]
+        assert value.dtype == expected.dtype and value.shape == expected.shape, name
+        np.testing.assert_array_equal(value.view(np.uint8), expected.view(np.uint8))
+    name = "model.norm.weight"
+    file = tensors[name].file
+    file.write_bytes(file.read_bytes()[: tensors[name].offset + 10])
+    with pytest.raises(ValueError, match=f"Cannot read '.*{file.name}'.*'{name}': 10 of"):
+        hf_checkpoint._reader(tensors[name], name)()
+
+
 def test_no_weights_and_partial_sliding_window(saved, tmp_path_factory):
     with pytest.raises(ValueError, match=r"neither model\.safetensors nor"):
         empty = tmp_path_factory.mktemp("empty")
