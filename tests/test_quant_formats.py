@@ -76,6 +76,28 @@ def test_grid_values_round_trip_exactly(fmt, k, n, block, seed):
     chex.assert_trees_all_equal(DEQ(again), DEQ(qt))
 
 
+@pytest.mark.parametrize("fmt", sorted(quant.TABLES))
+def test_encode_picks_the_nearest_code_ties_to_the_lower_value(fmt):
+    """Values on the grid, at each float32 midpoint between two codes (a tie: the lower
+    code), a little either side of it, and random values in [-1, 1]: the code is NumPy's
+    binary search over the midpoints, and no other code is nearer (float64, 2 ulps at 1)."""
+    from lora_jax.quant.formats import _encode
+
+    table = np.asarray(quant.TABLES[fmt], np.float32)
+    order = np.argsort(table, kind="stable")
+    mid = (table[order][1:] + table[order][:-1]) / 2
+    values = np.concatenate([
+        table, mid, mid - 1e-6, mid + 1e-6,  # (XLA on a CPU flushes subnormals to 0)
+        np.random.default_rng(0).uniform(-1, 1, 4096).astype(np.float32),
+    ]).astype(np.float32)  # fmt: skip
+    codes = np.asarray(jax.jit(lambda v: _encode(v, quant.TABLES[fmt]))(values))
+    np.testing.assert_array_equal(codes, order[np.searchsorted(mid, values, side="left")])
+    distance = np.abs(values[:, None].astype(np.float64) - table[None, :])
+    chosen = distance[np.arange(len(values)), codes]
+    assert np.all(chosen <= distance.min(axis=1) + 2.4e-7)
+    np.testing.assert_array_equal(codes[16:31], order[:-1])  # ties go to the lower code
+
+
 def test_packing_order():
     """Row j of a block goes to the low nibble of byte row j, row j + block/2 to the high one."""
     t = quant.NF4

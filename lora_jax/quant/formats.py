@@ -157,11 +157,15 @@ def is_quantized(x: Any) -> bool:
 
 
 def _encode(normed: Array, table: tuple[float, ...]) -> Array:
-    """Nearest code of each value in [-1, 1] (ties to the lower value), as uint8."""
+    """Nearest code of each value in [-1, 1] (ties to the lower value), as uint8.
+
+    Against the 15 midpoints, comparing each value with all of them is one elementwise loop;
+    the default binary search is a loop of gathers, 5.7x as long for a 2048 x 8192 kernel on
+    a CPU (the whole quantizer: 0.29 -> 0.05 s), with the same codes."""
     order = np.argsort(np.asarray(table), kind="stable")
     ordered = np.asarray(table, np.float32)[order]
     midpoints = jnp.asarray((ordered[1:] + ordered[:-1]) / 2)
-    rank = jnp.searchsorted(midpoints, normed, side="left")
+    rank = jnp.searchsorted(midpoints, normed, side="left", method="compare_all")
     return jnp.asarray(order, jnp.uint8)[rank]
 
 
