@@ -168,13 +168,31 @@ def read_metadata(reader: Any, *, vocab: bool = False) -> dict[str, Any]:
 class _Reader(gguf.GGUFReader if gguf is not None else object):
     """`gguf.GGUFReader` that lets a tensor run past the end of a truncated file (read as
     zeros), so that `open_gguf` can name the tensors cut off instead of failing on a reshape.
-    The header is read as strictly as `gguf.GGUFReader` reads it."""
+    The header is read as strictly as `gguf.GGUFReader` reads it.
 
-    def _get(self, offset: int, dtype: Any, count: int = 1, *args: Any, **kwargs: Any) -> Any:
-        in_data = getattr(self, "data_offset", None) is not None
-        if in_data and int(offset) + np.dtype(dtype).itemsize * int(count) > len(self.data):
-            return np.zeros(int(count), dtype)
-        return super()._get(offset, dtype, count, *args, **kwargs)
+    It also slices a plain ndarray view of the memory map rather than the `np.memmap`
+    itself: the reader takes a few slices per metadata string (a tokenizer holds about 10^5),
+    and each `np.memmap` slice runs NumPy's Python-level memmap bookkeeping. Opening
+    SmolLM2-135M's file: 1.96 -> 0.48 s. The arrays are the same bytes."""
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._mapped
+
+    @data.setter
+    def data(self, value: np.ndarray) -> None:  # set once, by `gguf.GGUFReader.__init__`
+        self._mapped, self._plain = value, value.view(np.ndarray)
+
+    def _get(
+        self, offset: int, dtype: Any, count: int = 1, override_order: str | None = None
+    ) -> np.ndarray:
+        dtype, count, offset = np.dtype(dtype), int(count), int(offset)
+        end = offset + dtype.itemsize * count
+        if getattr(self, "data_offset", None) is not None and end > len(self._plain):
+            return np.zeros(count, dtype)
+        arr = self._plain[offset:end].view(dtype)[:count]
+        order = self.byte_order if override_order is None else override_order
+        return arr.view(arr.dtype.newbyteorder(order))
 
 
 def _config(metadata: dict, reader: Any, path: PathLike, dtype: np.dtype) -> LlamaConfig:
