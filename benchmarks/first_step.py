@@ -5,18 +5,21 @@ Hugging Face directory or another GGUF file), LoRA of rank 16 on `--targets`, Ad
 `--batch` x `--seq` token ids. Each phase is timed on its own, in one process, with the
 results made ready (`jax.block_until_ready`) before the clock stops:
 
-  load        lora_jax.hf.load_pretrained (GGUF: each tensor dequantized to float32)
+  load        lora_jax.hf.load_pretrained (GGUF: each tensor dequantized to float32; with
+              --scan-layers, and the blocks stacked for nn.scan)
   init        lj.init(..., base_params=...) (shape-only trace, adapters made)
   first step  make_train_step, step.init and the first call (tracing, compiling, running)
   step        the median of `--steps` more calls (so compiling is about first - step)
 
 Run: python -m benchmarks.first_step [--path FILE_OR_DIR] [--targets q_proj,v_proj]
-                                     [--batch 4] [--seq 128] [--steps 5] [--out runs/benchmarks]
+                                     [--batch 4] [--seq 128] [--steps 5] [--scan-layers]
+                                     [--out runs/benchmarks]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -28,7 +31,7 @@ import lora_jax as lj
 from benchmarks import common as c
 from benchmarks.loftq import smollm2
 from lora_jax.hf import load_pretrained
-from lora_jax.models import causal_lm_loss
+from lora_jax.models import Llama, causal_lm_loss, stack_layers
 
 
 def main(argv=None) -> dict:
@@ -38,11 +41,15 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--scan-layers", action="store_true", help="LlamaConfig(scan_layers=True)")
     p.add_argument("--out", default="runs/benchmarks")
     args = p.parse_args(argv)
     phases = {}
     start = time.perf_counter()
     model, base = load_pretrained(args.path or smollm2(), dtype=jnp.float32)
+    if args.scan_layers:  # one compiled block for all layers
+        model = Llama(dataclasses.replace(model.cfg, scan_layers=True))
+        base = stack_layers(base)
     jax.block_until_ready(base)
     phases["load_s"] = time.perf_counter() - start
     batch = jax.random.randint(jax.random.key(0), (args.batch, args.seq + 1), 0, 1000)
@@ -69,7 +76,8 @@ def main(argv=None) -> dict:
     phases["step_s_median"] = statistics.median(times)
     phases["to_first_step_s"] = sum(phases[k] for k in ("load_s", "init_s", "first_step_s"))
     report = {"machine": c.machine(), "path": args.path or "SmolLM2-135M-Instruct (GGUF)",
-              "targets": args.targets, "batch": args.batch, "seq": args.seq, **phases}  # fmt: skip
+              "targets": args.targets, "batch": args.batch, "seq": args.seq,
+              "scan_layers": args.scan_layers, **phases}  # fmt: skip
     for k, v in phases.items():
         print(f"{k:16s} {v:8.2f}")
     print("wrote", c.write_json(args.out, "first_step.json", report))
