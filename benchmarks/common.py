@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lora_jax._eager import needed_only
 from lora_jax.models import Llama, LlamaConfig, causal_lm_loss
 
 QV = ("q_proj", "v_proj")
@@ -150,8 +151,11 @@ def tokens(sz: Size, key: int = 0) -> jax.Array:
 
 
 def init_base(model: Llama, batch: jax.Array):
-    """Random base weights, made on the device by one jitted init (never on the host)."""
-    return jax.jit(model.init)(jax.random.key(1), batch[:, :-1])
+    """Random base weights, made on the device (never on the host): the init traced, cut to
+    the draws and run op by op (`lora_jax._eager.needed_only`), since compiled as one program
+    XLA compiles every layer's draws anew (1B shapes on a 2-core CPU: 29 s -> 17 s; the
+    values within 1.2e-7 relative of the jitted init's)."""
+    return needed_only(model.init, jax.random.key(1), batch[:, :-1])
 
 
 def lm_loss(apply, batch):

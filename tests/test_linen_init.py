@@ -7,8 +7,6 @@ QuantConfig selects (4-bit base); wrong base_params, samples, targets, patterns,
 extras, integer kernels and quantized kernels fail with messages naming the leaf.
 """
 
-import importlib
-
 import chex
 import flax.linen as nn
 import jax
@@ -29,6 +27,7 @@ from conftest import (
 )
 
 import lora_jax as lj
+from lora_jax import _eager
 
 
 def test_init_keeps_base_arrays_and_paths(block_base):
@@ -399,19 +398,17 @@ def _at(tree, path):
     return tree
 
 
-@pytest.mark.parametrize("config", ["all_linear", "dora_and_embed", "4bit"])
+@pytest.mark.parametrize("config", ["all_linear", "gaussian", "dora_and_embed", "4bit"])
 def test_adapter_leaves_are_made_without_the_forward_pass_and_equal_one_compiled_program(
     tiny_llama, monkeypatch, config
 ):
     """`init` makes the adapter leaves from the traced model cut to what they need (the keys'
     derivation and the random draws; for DoRA the kernels' norms), run op by op: the same
     bits as compiling the whole apply as one program, which is what it falls back to."""
-    init_module = importlib.import_module("lora_jax.linen.init")  # `lora_jax.linen.init` is
-    # the function
-
     model, tokens, base = tiny_llama
     configs = {
         "all_linear": lj.LoraConfig(rank=4, targets="all-linear"),
+        "gaussian": lj.LoraConfig(rank=4, targets=("q_proj", "v_proj"), init="gaussian"),
         "dora_and_embed": lj.LoraConfig(
             rank=4, variant="dora", targets=("q_proj", "v_proj", "embed_tokens")
         ),
@@ -419,16 +416,16 @@ def test_adapter_leaves_are_made_without_the_forward_pass_and_equal_one_compiled
     }
     lora_model = lj.LoRA(model, configs[config])
     kept = []
-    real = init_module._dce_jaxpr
+    real = _eager._dce_jaxpr
 
     def recording(jaxpr, used):
         kept.append(real(jaxpr, used)[0])
         return real(jaxpr, used)
 
-    monkeypatch.setattr(init_module, "_dce_jaxpr", recording)
+    monkeypatch.setattr(_eager, "_dce_jaxpr", recording)
     cut = lj.init(lora_model, jax.random.key(3), tokens[:, :-1], base_params=base)
     assert len(kept) == 1 and "dot_general" not in str(kept[0])  # no product of the model ran
-    monkeypatch.setattr(init_module, "_dce_jaxpr", None)
+    monkeypatch.setattr(_eager, "_dce_jaxpr", None)
     whole = lj.init(lora_model, jax.random.key(3), tokens[:, :-1], base_params=base)
     chex.assert_trees_all_equal(cut, whole)
     assert len(jax.tree.leaves(cut["params"])) > len(jax.tree.leaves(base["params"]))

@@ -17,14 +17,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend import core as jax_core
 
-try:  # JAX's dead-code pass over a jaxpr (internal; see `_needed_only`)
-    from jax._src.interpreters.partial_eval import dce_jaxpr as _dce_jaxpr
-except ImportError:  # pragma: no cover - a JAX without it
-    _dce_jaxpr = None
-
-from lora_jax import _paths, _trees
+from lora_jax import _eager, _paths, _trees
 from lora_jax.adapters import inits
 from lora_jax.adapters.plan import Plan
 from lora_jax.config import QuantConfig
@@ -133,31 +127,12 @@ def init(
         return {k: flat[k] for k in the_plan.adapter_leaves()}
 
     flat = _trees.flat(base)
-    flat.update(_needed_only(new_leaves, base, rngs, *args))
+    flat.update(_eager.needed_only(new_leaves, base, rngs, *args))  # no forward pass, no compile
     # Host (NumPy) leaves go to the device once here, not on every step.
     flat = {k: jnp.asarray(v) if isinstance(v, np.ndarray) else v for k, v in flat.items()}
     for param in the_plan.extras:
         flat[param] = jax.tree.map(jnp.copy, flat[param])
     return _from_base(lora_model, the_plan, _trees.unflat(flat), dense, rngs["params"])
-
-
-def _needed_only(fn: Any, *args: Any) -> Any:
-    """`fn(*args)` without the work its outputs do not need, and without compiling it as one
-    program: traced once, cut to what the outputs need (for the adapter leaves, the random
-    keys' derivation and draws, not the model's forward pass), then run op by op.
-
-    Compiled as one program, XLA compiles every key derivation and draw anew (about 20 ms
-    each on a 2-core CPU: 9.9 s of the 11.6 s `init` of SmolLM2-135M with adapters on all 210
-    linear layers); op by op, the draws of one shape share one compiled kernel (0.6 s). The
-    values are the same bits. Where this JAX lacks the (internal) dead-code pass, `jax.jit`.
-    """
-    if _dce_jaxpr is None:
-        return jax.jit(fn)(*args)
-    closed, shape = jax.make_jaxpr(fn, return_shape=True)(*args)
-    jaxpr, used = _dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
-    inputs = [x for x, u in zip(jax.tree.leaves(args), used, strict=True) if u]
-    out = jax_core.jaxpr_as_fun(jax_core.ClosedJaxpr(jaxpr, closed.consts))(*inputs)
-    return jax.tree.unflatten(jax.tree.structure(shape), out)
 
 
 def _from_base(lora_model: LoRA, the_plan: Plan, variables: dict, dense: dict, key: Any) -> dict:
