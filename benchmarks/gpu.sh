@@ -11,6 +11,12 @@
 #   1b:finetune  1b:peers,quantized,merge  3b:finetune  3b:peers,quantized,merge  mfu
 #   multi    (benchmarks/multi_adapter.py: 16/64 adapters per batch vs one, hidden 2048)
 #   variants (benchmarks/variants.py: DoRA and PiSSA steps vs LoRA, size 1b)
+#   seqscale (benchmarks/seqscale.py: tokens/s and compiled peak, 8B shapes, 1k-32k tokens,
+#            remat none / block / dots_with_no_batch_dims_saveable, layers under nn.scan)
+#   load     (benchmarks/load.py: a 1B-shaped checkpoint written to local disk and loaded onto
+#            the GPU, dense and NF4, 3 loads each; then benchmarks/first_step.py on it, all
+#            linear layers: load, lj.init, first step)
+# seqscale and load are not in the default list: with it they do not fit one 15-minute loan.
 # The default list fits one lent machine's 15 minutes (start-up about 2 min included): each
 # stage is stopped at its limit, so the whole run takes at most 780 s after start-up:
 #   qmatmul@60 1b:finetune,quantized@240 mfu@300 multi@60 variants@120
@@ -81,6 +87,18 @@ for stage in "${stages[@]}"; do
       "${run[@]}" "$PY" -m benchmarks.variants --size 1b --runs 10 --out "$DIR" || status=1
     fi
     [ -n "${OUT:-}" ] && cp "$DIR"/multi_adapter-*.json "$DIR"/variants-*.json "$OUT/" 2>/dev/null
+    continue
+  elif [ "$stage" = seqscale ]; then
+    "${run[@]}" "$PY" -m benchmarks.seqscale --out "$DIR" || status=1
+    [ -n "${OUT:-}" ] && cp "$DIR"/seqscale-*.json "$OUT/" 2>/dev/null
+    continue
+  elif [ "$stage" = load ]; then  # one time limit for both scripts
+    ckpt=${TMPDIR:-/tmp}/lora_jax-load-1b
+    "${run[@]}" bash -c "'$PY' -m benchmarks.load --dir '$ckpt' --keep --repeats 3 --out '$DIR' \
+      && '$PY' -m benchmarks.first_step --path '$ckpt' --targets \
+         q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --out '$DIR'" || status=1
+    rm -rf "$ckpt"
+    [ -n "${OUT:-}" ] && cp "$DIR"/load.json "$DIR"/load.md "$DIR"/first_step.json "$OUT/" 2>/dev/null
     continue
   elif [ "$stage" = mfu ]; then
     args=(--cases mfu --mfu-size 8b)

@@ -11,6 +11,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CASES = ("finetune", "quantized", "merge", "peers")
 
@@ -83,10 +85,10 @@ def test_benchmarks_write_outside_the_tracked_files():
 
 
 def test_the_gpu_stages_standalone_scripts_run_at_toy_sizes(tmp_path):
-    """benchmarks/gpu.sh's standalone stages (qmatmul, multi, variants) run end to end at toy
-    sizes on CPU, so a GPU loan never finds one broken."""
+    """benchmarks/gpu.sh's standalone stages (qmatmul, multi, variants, seqscale) run end to
+    end at toy sizes on CPU, so a GPU loan never finds one broken."""
     sys.path.insert(0, str(ROOT))
-    from benchmarks import multi_adapter, qmatmul, variants
+    from benchmarks import multi_adapter, qmatmul, seqscale, variants
 
     qmatmul.main(
         ["--ms", "1", "--k", "64", "--n", "64", "--runs", "5", "--json", str(tmp_path / "q.json")]
@@ -111,3 +113,35 @@ def test_the_gpu_stages_standalone_scripts_run_at_toy_sizes(tmp_path):
     assert set(report["shapes"]) == {"64x8", "64x1"}
     result = variants.main(["--size", "test", "--runs", "5", "--out", str(tmp_path)])
     assert set(result["rows"]) == {"lora", "dora", "pissa"}
+    args = ["--size", "test", "--seqs", "16,32", "--remat", "none,block", "--out", str(tmp_path)]
+    result = seqscale.main(args)
+    saved = json.loads((tmp_path / "seqscale-test.json").read_text())
+    assert set(saved["rows"]) == {"none", "block"}
+    assert all(set(saved["rows"][p]) == {"16", "32"} for p in saved["rows"])
+    assert all(r["tokens_per_s"] > 0 for p in result["rows"].values() for r in p.values())
+
+
+def test_seqscale_records_out_of_memory_and_skips_longer_lengths(tmp_path, monkeypatch):
+    """A length that does not fit is a row saying so; longer ones under that policy are
+    skipped, other policies go on; other errors are raised."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import seqscale
+
+    real = seqscale.lora_step
+
+    def tight(lora_model, params, batch, loss):
+        if batch.shape[1] > 17 and lora_model.model.cfg.remat is False:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+        return real(lora_model, params, batch, loss)
+
+    monkeypatch.setattr(seqscale, "lora_step", tight)
+    args = ["--size", "test", "--seqs", "16,32,64", "--remat", "none,block", "--out", str(tmp_path)]
+    rows = seqscale.main(args)["rows"]
+    assert "tokens_per_s" in rows["none"]["16"] and rows["none"]["32"]["error"] == "out of memory"
+    assert "skipped" in rows["none"]["64"] and "tokens_per_s" in rows["block"]["64"]
+    assert "out of memory" in seqscale.markdown(
+        json.loads((tmp_path / "seqscale-test.json").read_text())
+    )
+    monkeypatch.setattr(seqscale, "lora_step", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        seqscale.main(args)
