@@ -35,14 +35,15 @@
 # flash kernel, as PyTorch's SDPA); BENCH_ARGS="--attention xla" runs XLA's unfused attention
 # instead (at 8B and 4096 tokens its scores do not fit in the GPU's memory).
 #
-# Needs JAX with CUDA, Flax, optax, orbax, safetensors; the peers need qwix (pip install
-# qwix, or wheels in .whl/, installed here with --no-deps) and torch + transformers + peft.
+# Needs JAX with CUDA, Flax, optax, orbax, safetensors; the peers need qwix and liger-kernel
+# (pip install, or wheels in .whl/, installed here with --no-deps) and torch + transformers +
+# peft (Liger: and Triton).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # lora_jax from this checkout, installed or not
 
-if ! "$PY" -c "import qwix" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+if compgen -G ".whl/*.whl" >/dev/null; then  # peers carried as wheels (qwix, liger-kernel)
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/bench-site .whl/*.whl \
     && export PYTHONPATH=/tmp/bench-site${PYTHONPATH:+:$PYTHONPATH}
 fi

@@ -10,7 +10,9 @@ timed like the JAX steps (warm-up excluded, device synchronized, median of the r
 
     python -m benchmarks.torch_peft --spec '{"hidden_size": 64, ...}' --json out.json
 
-With ``"use_dora": true`` PEFT's DoRA replaces LoRA. With ``"compile": true`` in the spec the PEFT model runs under `torch.compile` (TorchInductor,
+With ``"use_dora": true`` PEFT's DoRA replaces LoRA. With ``"liger": true`` Liger's Triton
+kernels (liger-kernel: RoPE, RMSNorm, SwiGLU) replace transformers' Llama modules first (the
+loss stays the same computation as the other rows'). With ``"compile": true`` in the spec the PEFT model runs under `torch.compile` (TorchInductor,
 default mode): the warm-up call compiles, a second untimed call absorbs recompilation.
 
 torch, transformers and peft are imported here only; when one is missing, the JSON says so.
@@ -82,6 +84,19 @@ def measure(spec: dict) -> dict:
             f"and torch): {e}"
         }
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.get("liger"):  # Liger's fused kernels in transformers' Llama, before it is built
+        try:
+            from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+            apply_liger_kernel_to_llama(
+                rope=True,
+                rms_norm=True,
+                swiglu=True,
+                cross_entropy=False,
+                fused_linear_cross_entropy=False,  # the loss is computed as for the others
+            )
+        except Exception as e:  # not installed, or no Triton / GPU for its kernels
+            return {"skipped": f"Liger not usable here: {type(e).__name__}: {str(e)[:200]}"}
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[
         spec["dtype"]
     ]
@@ -141,6 +156,7 @@ def measure(spec: dict) -> dict:
         "peft": peft.__version__,
         "trainable_params": sum(p.numel() for p in trainable),
         "compiled": bool(spec.get("compile")),
+        "liger": bool(spec.get("liger")),
         "warmup_s": warmup_s,
     }
     if device == "cuda":

@@ -245,9 +245,11 @@ def peft_row(
     *,
     compile: bool = False,
     use_dora: bool = False,
+    liger: bool = False,
 ) -> dict:
     """PEFT's step time on the same config, in a child process (its own GPU memory pool);
-    with `compile`, PEFT under `torch.compile`; with `use_dora`, PEFT's DoRA."""
+    with `compile`, PEFT under `torch.compile`; with `use_dora`, PEFT's DoRA; with `liger`,
+    Liger's kernels in the model."""
     sz = ctx.size
     m = sz.model
     spec = {
@@ -271,6 +273,7 @@ def peft_row(
         "chunked_loss": sz.chunked_loss,
         "compile": compile,
         "use_dora": use_dora,
+        "liger": liger,
     }
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "peft.json")
