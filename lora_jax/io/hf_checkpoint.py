@@ -433,8 +433,8 @@ def load_pretrained(
 
 
 def _reader(tensor: _Tensor, name: str) -> Reader:
-    """Reads one tensor as stored into a fresh buffer aligned to `_ALIGN` bytes, by
-    positioned reads (which release the GIL, so the next tensor is read while this one is
+    """Reads one tensor as stored into a fresh buffer aligned to `_ALIGN` bytes, with
+    unbuffered reads (which release the GIL, so the next tensor is read while this one is
     placed). On a CPU, XLA adopts an aligned buffer as the device array without copying it."""
     dtype = np.dtype(jnp.dtype(_DTYPES[tensor.dtype]))
 
@@ -442,10 +442,11 @@ def _reader(tensor: _Tensor, name: str) -> Reader:
         buffer = _host_buffer(math.prod(tensor.shape) * dtype.itemsize)
         got = 0
         try:
-            with open(tensor.file, "rb") as f:
+            with open(tensor.file, "rb", buffering=0) as f:  # unbuffered: straight into `buffer`
+                f.seek(tensor.offset)
                 while got < buffer.size:  # one call reads at most about 2 GB
-                    n = os.preadv(f.fileno(), [buffer[got:]], tensor.offset + got)
-                    if n == 0:
+                    n = f.readinto(buffer[got:])
+                    if not n:
                         break
                     got += n
         except OSError as e:
