@@ -157,14 +157,16 @@ def summarize(figures: dict, checkpoint_bytes: int) -> dict:
 
 def median_run(runs: list[dict]) -> dict:
     """The run of median time (the lower middle one of an even count), with every run's
-    seconds and the highest peak of all."""
+    seconds, and the peak memory (and what was transient in it) of the run that peaked
+    highest."""
     ordered = sorted(runs, key=lambda r: r["seconds"])
-    peak = max(r["peak_rss_bytes"] for r in runs)
+    median = ordered[(len(ordered) - 1) // 2]
+    highest = max(runs, key=lambda r: r["peak_rss_bytes"])
     return {
-        **ordered[(len(ordered) - 1) // 2],
+        **median,
         "seconds_all": [r["seconds"] for r in runs],
-        "peak_rss_bytes": peak,
-        "peak_over_checkpoint": max(r["peak_over_checkpoint"] for r in runs),
+        **{k: highest[k] for k in ("peak_rss_bytes", "peak_over_checkpoint")},
+        "transient_over_checkpoint": highest["transient_over_checkpoint"],
     }
 
 
@@ -216,6 +218,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         p.error(f"unknown modes {unknown}; choose from {MODES}")
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
 
     from benchmarks import common as c
 

@@ -85,13 +85,15 @@ def measure(sz: c.Size, seqs, policies, batch: int, runs: int, scan: bool, write
                 lj.LoraConfig(rank=s.rank, alpha=2.0 * s.rank, targets=c.ALL_LINEAR),
             )
             log(f"  seq {seq}, remat {policy}: compiling")
+            params = step = None
             try:
                 params = lj.init(lora_model, jax.random.key(2), batch_ids[:, :-1], base_params=base)
                 step, figures = lora_step(lora_model, params, batch_ids, c.loss_for(s))
-                del params
+                params = None
                 times = c.time_steps({"step": step}, runs)["step"]
-                del step
+                step = None
             except Exception as e:  # recorded in the row if out of memory; the sweep goes on
+                params = step = None  # free the device memory before the next configuration
                 if not is_out_of_memory(e):
                     raise
                 failed.add(policy)

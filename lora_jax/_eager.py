@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.extend import core as jax_core
 
 try:  # JAX's dead-code pass over a jaxpr (internal; `jax.jit` where a JAX lacks it)
@@ -36,7 +37,11 @@ def needed_only(fn: Callable[..., Any], *args: Any) -> Any:
     if _dce_jaxpr is None:
         return jax.jit(fn)(*args)
     closed, shape = jax.make_jaxpr(fn, return_shape=True)(*args)
-    jaxpr, used = _dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
+    try:
+        jaxpr, used = _dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
+    except (TypeError, ValueError):  # pragma: no cover - the internal pass changed its form
+        return jax.jit(fn)(*args)
     inputs = [x for x, u in zip(jax.tree.leaves(args), used, strict=True) if u]
     out = jax_core.jaxpr_as_fun(jax_core.ClosedJaxpr(jaxpr, closed.consts))(*inputs)
-    return jax.tree.unflatten(jax.tree.structure(shape), out)
+    # An output that traced to a constant comes back as a host value: arrays, as from jit.
+    return jax.tree.unflatten(jax.tree.structure(shape), [jnp.asarray(x) for x in out])

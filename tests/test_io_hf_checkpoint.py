@@ -410,8 +410,15 @@ def test_reader_gives_the_stored_bits_aligned_and_names_a_file_cut_short(saved):
         np.testing.assert_array_equal(value.view(np.uint8), expected.view(np.uint8))
     name = "model.norm.weight"
     file = tensors[name].file
-    file.write_bytes(file.read_bytes()[: tensors[name].offset + 10])
+    data = file.read_bytes()
+    file.write_bytes(data[: tensors[name].offset + 10])
+    cut = tensors[name]._replace(stamp=hf_checkpoint._data_offsets(file)[1])
     with pytest.raises(ValueError, match=f"Cannot read '.*{file.name}'.*'{name}': 10 of"):
+        hf_checkpoint._reader(cut, name)()
+    # Rewritten after its header was read (same tensors, a longer header: every offset moves):
+    # an error naming the file, not the bytes now at the old offsets.
+    save_file(load_file(str(tensors["model.embed_tokens.weight"].file)), str(file), {"x": "y" * 99})
+    with pytest.raises(ValueError, match=f"Cannot read '.*{file.name}'.*changed after its header"):
         hf_checkpoint._reader(tensors[name], name)()
 
 

@@ -18,6 +18,7 @@ A peer that cannot be imported or fails gets a row that says why.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -250,6 +251,8 @@ def peft_row(
     """PEFT's step time on the same config, in a child process (its own GPU memory pool);
     with `compile`, PEFT under `torch.compile`; with `use_dora`, PEFT's DoRA; with `liger`,
     Liger's kernels in the model."""
+    if liger and importlib.util.find_spec("liger_kernel") is None:  # no child process then
+        return _skip("Liger not installed (pip install liger-kernel, or carry its wheel in .whl/)")
     sz = ctx.size
     m = sz.model
     spec = {

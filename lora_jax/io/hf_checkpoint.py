@@ -14,7 +14,7 @@ model's redundant ``lm_head.weight``.
 
 Memory. Tensors are read one at a time, largest first (the embedding's transient copies
 come while nothing else is loaded), each straight from the file into a buffer of its own
-(no memory map); each is put on the device as stored (on a CPU, the buffer itself becomes
+(a private anonymous memory map, not a map of the file); each is put on the device as stored (on a CPU, the buffer itself becomes
 the array) and transposed (kernels) and cast there, by XLA, which is much faster than NumPy
 at it. The next tensor is read while one is placed: at any time at most two copies of one
 tensor and the next tensor exist besides what is already loaded.
@@ -95,6 +95,7 @@ class _Tensor(NamedTuple):
     shape: tuple[int, ...]
     dtype: str  # safetensors' code: "BF16", "F32", ...
     offset: int  # of its first byte in the file
+    stamp: tuple[int, int, int]  # the file's (inode, size, mtime in ns) when its header was read
 
 
 class _Opened:
@@ -118,18 +119,29 @@ def _corrupt(file: pathlib.Path, error: Exception) -> ValueError:
     return ValueError(f"Cannot read '{file}' (a truncated or corrupt safetensors file?): {error}")
 
 
-def _data_offsets(file: pathlib.Path) -> dict[str, int]:
+def _data_offsets(file: pathlib.Path) -> tuple[dict[str, int], tuple[int, int, int]]:
     """Where each tensor's bytes start in a safetensors file (whose header `safe_open` has
     already validated): 8 bytes of header length, the JSON header, then the data, each
-    tensor at its ``data_offsets``. safetensors' API reads a tensor only into memory it
-    allocates; `_reader` needs the offsets to read into an aligned buffer of its own."""
+    tensor at its ``data_offsets``; and the file's stamp, which `_reader` checks before it
+    reads (a file rewritten since would put other bytes at these offsets). safetensors' API
+    reads a tensor only into memory it allocates; `_reader` needs the offsets to read into
+    an aligned buffer of its own."""
     try:
         with open(file, "rb") as f:
+            stamp = _stamp(f)
             (n,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(n))
-        return {k: 8 + n + v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+        offsets = {
+            k: 8 + n + v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"
+        }
     except (OSError, struct.error, ValueError, TypeError, KeyError, IndexError) as e:
         raise _corrupt(file, e) from None
+    return offsets, stamp
+
+
+def _stamp(f: Any) -> tuple[int, int, int]:
+    st = os.fstat(f.fileno())
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _read_json(file: pathlib.Path) -> Any:
@@ -164,7 +176,7 @@ def _headers(root: pathlib.Path) -> dict[str, _Tensor]:
     tensors, problems = {}, []
     for file in files:
         with _Opened(file) as f:  # safetensors validates the header against the file
-            offsets = _data_offsets(file)
+            offsets, stamp = _data_offsets(file)
             for name in f.keys():
                 if name in tensors:
                     problems.append(
@@ -172,7 +184,7 @@ def _headers(root: pathlib.Path) -> dict[str, _Tensor]:
                     )
                 meta = f.get_slice(name)
                 shape, dtype = tuple(meta.get_shape()), meta.get_dtype()
-                tensors[name] = _Tensor(file, shape, dtype, offsets[name])
+                tensors[name] = _Tensor(file, shape, dtype, offsets[name], stamp)
     for name, shard_name in (weight_map or {}).items():
         if name not in tensors or tensors[name].file.name != shard_name:
             problems.append(
@@ -433,7 +445,8 @@ def load_pretrained(
 
 
 def _reader(tensor: _Tensor, name: str) -> Reader:
-    """Reads one tensor as stored into a fresh buffer aligned to `_ALIGN` bytes, with
+    """Reads one tensor as stored into a fresh buffer aligned to `_ALIGN` bytes (unless it
+    is empty), after checking that the file is the one whose header gave its offset, with
     unbuffered reads (which release the GIL, so the next tensor is read while this one is
     placed). On a CPU, XLA adopts an aligned buffer as the device array without copying it."""
     dtype = np.dtype(jnp.dtype(_DTYPES[tensor.dtype]))
@@ -443,6 +456,11 @@ def _reader(tensor: _Tensor, name: str) -> Reader:
         got = 0
         try:
             with open(tensor.file, "rb", buffering=0) as f:  # unbuffered: straight into `buffer`
+                if _stamp(f) != tensor.stamp:
+                    raise _corrupt(
+                        tensor.file,
+                        ValueError(f"it changed after its header was read (reading '{name}')"),
+                    )
                 f.seek(tensor.offset)
                 while got < buffer.size:  # one call reads at most about 2 GB
                     n = f.readinto(buffer[got:])
@@ -460,18 +478,23 @@ def _reader(tensor: _Tensor, name: str) -> Reader:
     return read
 
 
-def _host_buffer(nbytes: int) -> np.ndarray:
-    """Fresh bytes, page-aligned (so `_ALIGN`-aligned), from an anonymous memory map of
-    their own. NumPy asks the kernel for huge pages for large arrays, whose first touch can
-    cost a synchronous compaction: on a 2-core machine that made loads take 0.9-1.4x as
-    long from run to run; ordinary pages fault in at a steady cost."""
-    if nbytes == 0:
-        return np.empty(0, np.uint8)
-    return np.frombuffer(mmap.mmap(-1, nbytes), np.uint8)
-
-
 # XLA's CPU client uses a host buffer as the array without a copy when it is aligned so.
 _ALIGN = 64
+
+
+def _host_buffer(nbytes: int) -> np.ndarray:
+    """Fresh bytes, page-aligned (so `_ALIGN`-aligned), from a private anonymous memory map
+    of their own (process memory like any other, copy-on-write across a fork). NumPy asks
+    the kernel for huge pages for large arrays, whose first touch can cost a synchronous
+    compaction: on a 2-core machine that made loads take 0.9-1.4x as long from run to run;
+    4 KiB pages fault in at a steady cost."""
+    if nbytes == 0:
+        return np.empty(0, np.uint8)
+    if hasattr(mmap, "MAP_PRIVATE"):  # POSIX; Windows' anonymous maps are private already
+        return np.frombuffer(
+            mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), np.uint8
+        )
+    return np.frombuffer(mmap.mmap(-1, nbytes), np.uint8)
 
 
 def _load_gguf(
