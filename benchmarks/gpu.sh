@@ -90,8 +90,9 @@ for stage in "${stages[@]}"; do
     [ -n "${OUT:-}" ] && cp "$DIR"/multi_adapter-*.json "$DIR"/variants-*.json "$OUT/" 2>/dev/null
     continue
   elif [ "$stage" = seqscale ]; then
-    "${run[@]}" "$PY" -m benchmarks.seqscale --out "$DIR" || status=1
-    [ -n "${OUT:-}" ] && cp "$DIR"/seqscale-*.json "$OUT/" 2>/dev/null
+    "${run[@]}" "$PY" -m benchmarks.seqscale --out "$DIR" --plot "$PLOTS/gpu-8b-seqscale.png" \
+      || status=1
+    [ -n "${OUT:-}" ] && cp "$DIR"/seqscale-*.json "$PLOTS/gpu-8b-seqscale.png" "$OUT/" 2>/dev/null
     continue
   elif [ "$stage" = load ]; then  # one time limit for both scripts
     ckpt=${TMPDIR:-/tmp}/lora_jax-load-1b

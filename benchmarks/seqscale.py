@@ -29,6 +29,7 @@ Writes `<out>/seqscale-<size>.json` and prints a Markdown table.
 Run: python -m benchmarks.seqscale [--size NAME] [--seqs 1024,2048,...] [--batch 1]
                                    [--remat none,block,dots_with_no_batch_dims_saveable]
                                    [--runs 5] [--no-scan-layers] [--out runs/benchmarks]
+                                   [--plot FILE.png]
 """
 
 from __future__ import annotations
@@ -141,6 +142,40 @@ def markdown(result: dict) -> str:
     return "\n".join(out)
 
 
+def plot(result: dict, path: str) -> bool:
+    """Two panels against the length (log scale): tokens/s and compiled peak, one line per
+    policy. False where matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for policy, rows in result["rows"].items():
+        done = sorted((int(s), r) for s, r in rows.items() if "tokens_per_s" in r)
+        seqs = [s for s, _ in done]
+        axes[0].plot(seqs, [r["tokens_per_s"] for _, r in done], marker="o", label=policy)
+        axes[1].plot(seqs, [c.mb(r["peak_bytes"]) for _, r in done], marker="o", label=policy)
+    for ax, label in zip(axes, ("tokens/s", "compiled peak, MB"), strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens per sequence", fontsize=8)
+        ax.set_ylabel(label, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    axes[1].set_yscale("log")
+    axes[0].legend(title="remat", fontsize=7, title_fontsize=7)
+    machine = result["machine"]
+    where = machine["device_kind"] if machine["backend"] != "cpu" else machine["cpu"]
+    fig.suptitle(f"{result['size']}\n{where}, JAX {machine['jax']}", fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(
         description=__doc__,
@@ -159,6 +194,7 @@ def main(argv=None) -> dict:
     p.add_argument("--runs", type=int, default=c.MIN_RUNS)
     p.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--out", default=os.path.join("runs", "benchmarks"), help="results directory")
+    p.add_argument("--plot", default=None, help="also draw the two curves into this PNG")
     args = p.parse_args(argv)
     size_name = args.size or ("8b" if gpu else "h512")
     if size_name not in c.SIZES:
@@ -198,6 +234,8 @@ def main(argv=None) -> dict:
     write(result["rows"])
     print(markdown(result))
     print("wrote", os.path.join(args.out, name))
+    if args.plot and plot(result, args.plot):
+        print("wrote", args.plot)
     return result
 
 

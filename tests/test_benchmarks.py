@@ -5,6 +5,7 @@ tables, the JSON and the plots. XLA's backend optimizations are turned down for 
 (compile time dominates on the tiny model), which changes speed, never what is computed.
 """
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -114,7 +115,8 @@ def test_the_gpu_stages_standalone_scripts_run_at_toy_sizes(tmp_path):
     result = variants.main(["--size", "test", "--runs", "5", "--out", str(tmp_path)])
     assert set(result["rows"]) == {"lora", "dora", "pissa"}
     args = ["--size", "test", "--seqs", "16,32", "--remat", "none,block", "--out", str(tmp_path)]
-    result = seqscale.main(args)
+    result = seqscale.main([*args, "--plot", str(tmp_path / "seqscale.png")])
+    assert (tmp_path / "seqscale.png").exists() or importlib.util.find_spec("matplotlib") is None
     saved = json.loads((tmp_path / "seqscale-test.json").read_text())
     assert set(saved["rows"]) == {"none", "block"}
     assert all(set(saved["rows"][p]) == {"16", "32"} for p in saved["rows"])
