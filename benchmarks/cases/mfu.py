@@ -24,6 +24,13 @@ from lora_jax.models import Llama
 TITLE = "MFU of the LoRA step and tokens/s vs PEFT"
 MEASURED_PEAK = 800e12  # bf16 matmul measured on the lent H100s
 MFU_GOAL, MFU_STRETCH, PEFT_GOAL = 0.40, 0.50, 1.3
+# The PyTorch peers: result key, label, `peers.peft_row` options, goal for lora_jax's speedup
+# (against the peers a PyTorch user picks for speed: compiled, or Liger's kernels).
+PEERS = (
+    ("peft", "PEFT", {}, None),
+    ("peft_compiled", "PEFT + torch.compile", {"compile": True}, PEFT_GOAL),
+    ("peft_liger", "PEFT + Liger", {"liger": True}, PEFT_GOAL),
+)
 
 
 def run(ctx: c.Context, *, peft: bool | None = None, remat: bool | str = False) -> dict:
@@ -37,16 +44,13 @@ def run(ctx: c.Context, *, peft: bool | None = None, remat: bool | str = False) 
     # PEFT first, in its child process, while this process holds no large GPU buffers (JAX's
     # allocator keeps what it once took, so the other order could starve the child).
     peft = jax.default_backend() == "gpu" if peft is None else peft
-    if peft:
-        ctx.log("  PEFT at the same config (child process)")
-        p = peers.peft_row(dataclasses.replace(ctx, size=sz), None)
-        ctx.log("  PEFT + torch.compile at the same config (child process)")
-        pc = peers.peft_row(dataclasses.replace(ctx, size=sz), None, compile=True)
-        ctx.log("  PEFT + Liger's kernels at the same config (child process)")
-        pl = peers.peft_row(dataclasses.replace(ctx, size=sz), None, liger=True)
-    else:
-        p = {"skipped": "PEFT runs on GPU (or with --peft)"}
-        pc, pl = dict(p), dict(p)
+    rows = {}
+    for key, label, options, _ in PEERS:
+        if peft:
+            ctx.log(f"  {label} at the same config (child process)")
+            rows[key] = peers.peft_row(dataclasses.replace(ctx, size=sz), None, **options)
+        else:
+            rows[key] = {"skipped": "PEFT runs on GPU (or with --peft)"}
     model = Llama(sz.model)
     batch = c.tokens(sz)
     ctx.log("  initializing the base")
@@ -80,7 +84,7 @@ def run(ctx: c.Context, *, peft: bool | None = None, remat: bool | str = False) 
         "remat": remat,
         "chunked_loss": sz.chunked_loss,
     }
-    for peer in (p, pc, pl):
+    for peer in rows.values():
         if "skipped" not in peer:
             peer["time_vs_lora_jax"] = c.ratio(peer["ms"], times["ms"])
             peer["lora_jax_speedup"] = c.ratio(tokens_per_s, peer["tokens_per_s"])
@@ -89,14 +93,12 @@ def run(ctx: c.Context, *, peft: bool | None = None, remat: bool | str = False) 
         "size": sz.describe(),
         "device": device,
         "lora": row,
-        "peft": p,
-        "peft_compiled": pc,
-        "peft_liger": pl,
+        **rows,
     }
 
 
 def markdown(result: dict) -> str:
-    r, p = result["lora"], result["peft"]
+    r = result["lora"]
     f = r["flops_per_token"]
     mfu = r["mfu"]
     pct = lambda v: "–" if v is None else f"{v:.1%}"
@@ -124,19 +126,19 @@ def markdown(result: dict) -> str:
         f"| MFU vs measured ~800 TFLOP/s | {pct(r['mfu_measured_peak'])} |",
         f"| compiled peak memory GB | {c.fmt(r['peak_bytes'] / 1e9)} |",
     ]
-    others = (("PEFT + torch.compile", "peft_compiled"), ("PEFT + Liger", "peft_liger"))
-    for label, peer in (("PEFT", p), *((label, result.get(key)) for label, key in others)):
+    for key, label, _, target in PEERS:
+        peer = result.get(key)
         if peer is None:
-            continue  # a result from before the compiled peer
+            continue  # a result from before this peer
         if "skipped" in peer:
             out.append(f"| {label} tokens/s | {peer['skipped']} |")
             continue
         speedup = peer["lora_jax_speedup"]
         goal = (
             ""
-            if label == "PEFT"
-            else f" ({'met' if speedup and speedup >= PEFT_GOAL else 'missed'}, goal {PEFT_GOAL})"
-        )  # the goal is against the strongest PyTorch peer: compiled, or Liger's kernels
+            if target is None
+            else f" ({'met' if speedup and speedup >= target else 'missed'}, goal {target})"
+        )
         out += [
             f"| {label} {peer['peft']} (torch {peer['torch']}) tokens/s | "
             f"{c.fmt(peer['tokens_per_s'], 0)} |",
@@ -146,18 +148,7 @@ def markdown(result: dict) -> str:
 
 
 def bars(result: dict):
-    r, p = result["lora"], result["peft"]
-    return [
-        ("MFU (nominal peak)", r["mfu"], MFU_GOAL),
-        ("lora_jax / PEFT tokens/s", p.get("lora_jax_speedup"), None),
-        (
-            "lora_jax / PEFT + torch.compile tokens/s",
-            result.get("peft_compiled", {}).get("lora_jax_speedup"),
-            PEFT_GOAL,
-        ),
-        (
-            "lora_jax / PEFT + Liger tokens/s",
-            result.get("peft_liger", {}).get("lora_jax_speedup"),
-            PEFT_GOAL,
-        ),
+    return [("MFU (nominal peak)", result["lora"]["mfu"], MFU_GOAL)] + [
+        (f"lora_jax / {label} tokens/s", result.get(key, {}).get("lora_jax_speedup"), target)
+        for key, label, _, target in PEERS
     ]
