@@ -70,8 +70,15 @@ def measure(sz: c.Size, seqs, policies, batch: int, runs: int, scan: bool, write
         sz, batch=batch, seq=seq, model=dataclasses.replace(model_cfg, remat=remat_field(policy))
     )
     first = sized(min(seqs), "none")
-    log("  initializing the base")
-    base = c.init_base(Llama(first.model), c.tokens(first))
+    lora_cfg = lj.LoraConfig(rank=sz.rank, alpha=2.0 * sz.rank, targets=c.ALL_LINEAR)
+    # The parameters depend on neither the length nor the policy: made once.
+    log("  initializing the base and the adapters")
+    model, first_ids = Llama(first.model), c.tokens(first)
+    base = c.init_base(model, first_ids)
+    params = lj.init(
+        lj.LoRA(model, lora_cfg), jax.random.key(2), first_ids[:, :-1], base_params=base
+    )
+    del base  # `params` holds the same arrays
     rows: dict[str, dict[str, dict]] = {policy: {} for policy in policies}
     failed: set[str] = set()
     for seq in sorted(seqs):
@@ -81,20 +88,15 @@ def measure(sz: c.Size, seqs, policies, batch: int, runs: int, scan: bool, write
                 continue
             s = sized(seq, policy)
             batch_ids = c.tokens(s)
-            lora_model = lj.LoRA(
-                Llama(s.model),
-                lj.LoraConfig(rank=s.rank, alpha=2.0 * s.rank, targets=c.ALL_LINEAR),
-            )
+            lora_model = lj.LoRA(Llama(s.model), lora_cfg)
             log(f"  seq {seq}, remat {policy}: compiling")
-            params = step = None
-            try:
-                params = lj.init(lora_model, jax.random.key(2), batch_ids[:, :-1], base_params=base)
+            step = None
+            try:  # the step copies the trainable leaves it donates: `params` stays whole
                 step, figures = lora_step(lora_model, params, batch_ids, c.loss_for(s))
-                params = None
                 times = c.time_steps({"step": step}, runs)["step"]
                 step = None
             except Exception as e:  # recorded in the row if out of memory; the sweep goes on
-                params = step = None  # free the device memory before the next configuration
+                step = None  # free the device memory before the next configuration
                 if not is_out_of_memory(e):
                     raise
                 failed.add(policy)
