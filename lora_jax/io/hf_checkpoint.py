@@ -16,8 +16,9 @@ Memory. Tensors are read one at a time, largest first (the embedding's transient
 come while nothing else is loaded), each straight from the file into a buffer of its own
 (a private anonymous memory map, not a map of the file); each is put on the device as stored
 (on a CPU, the buffer itself becomes the array) and transposed (kernels) and cast there, by
-XLA, which is much faster than NumPy at it. The next tensor is read while one is placed: at any time at most two copies of one
-tensor and the next tensor exist besides what is already loaded.
+XLA, which is much faster than NumPy at it. The next tensor is read while one is placed: at
+any time at most two copies of one tensor and the next tensor exist besides what is already
+loaded.
 `save_pretrained` writes the safetensors format itself, one tensor at a time, with the same
 bound.
 
