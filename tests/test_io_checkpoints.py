@@ -316,3 +316,33 @@ def test_restore_into_the_bare_optimizer_s_state_says_to_use_step_init(llama_run
     with CheckpointManager(tmp_path) as mgr, pytest.raises(ValueError) as e:
         mgr.restore(trainable_like=trainable, opt_state_like=jax.eval_shape(lambda: bare))
     assert "step.init(params)" in str(e.value) and "opt_state/" in str(e.value)
+
+
+def test_ctrl_c_while_orbax_waits_for_a_save_is_raised_after_it(tmp_path, monkeypatch):
+    """orbax's wait for a save catches every exception (KeyboardInterrupt included) and
+    deletes that checkpoint; a Ctrl-C arriving there is held back and raised once the wait is
+    done, and the checkpoint stays."""
+    trainable = {"params": {"q": {"kernel_lora_a": jnp.ones((4, 2))}}}
+    opt_state = optax.adam(1e-3).init(trainable)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with CheckpointManager(tmp_path) as mgr:
+            mgr.save(1, trainable, opt_state)
+            real = mgr._mgr.wait_until_finished
+
+            def swallowing_wait():  # orbax's pattern: `except BaseException`, log, go on
+                try:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(0.2)
+                except BaseException:
+                    pass
+                real()
+
+            monkeypatch.setattr(mgr._mgr, "wait_until_finished", swallowing_wait)
+            with pytest.raises(KeyboardInterrupt):
+                mgr.wait()
+            monkeypatch.undo()  # closing waits once more
+            assert mgr.all_steps() == [1]
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -15,13 +15,15 @@ it first (or reports on stderr that it was lost); it never exits silently withou
 from __future__ import annotations
 
 import atexit
+import contextlib
 import fcntl
 import json
 import os
+import signal
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
 
@@ -201,12 +203,13 @@ class CheckpointManager:
             },
         }
         state = {"trainable": trainable, "opt_state": opt_state}
-        self._mgr.save(
-            int(step),
-            args=ocp.args.Composite(
-                **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta_item)}
-            ),
-        )
+        with _ctrl_c_after():  # orbax waits here for the save before
+            self._mgr.save(
+                int(step),
+                args=ocp.args.Composite(
+                    **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta_item)}
+                ),
+            )
         self._pending = int(step)
 
     def restore(
@@ -276,14 +279,16 @@ class CheckpointManager:
 
     def wait(self) -> None:
         """Blocks until the saves in flight are committed."""
-        self._mgr.wait_until_finished()
+        with _ctrl_c_after():
+            self._mgr.wait_until_finished()
         self._pending = None
 
     def close(self) -> None:
         """Waits for the saves in flight and releases the manager's resources (and the
         directory's lock)."""
         try:
-            self._mgr.close()
+            with _ctrl_c_after():
+                self._mgr.close()
             self._pending = None
         finally:
             _OPEN.discard(self)
@@ -525,6 +530,29 @@ class _NotLocked:
 
     def close(self) -> None:
         pass
+
+
+@contextlib.contextmanager
+def _ctrl_c_after() -> Iterator[None]:
+    """Holds a Ctrl-C (SIGINT) back while orbax waits for a save, and raises it after.
+
+    orbax's wait for a save's finalizing thread catches every exception, KeyboardInterrupt
+    included, logs it and deletes that checkpoint: a Ctrl-C landing there was lost and so was
+    the checkpoint (a run went on training; seen as a flaky test). Only in the main thread,
+    and only where Python's own handler is installed (an ignored SIGINT stays ignored).
+    """
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    caught: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 _OPEN: weakref.WeakSet[CheckpointManager] = weakref.WeakSet()
